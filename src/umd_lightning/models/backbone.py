@@ -1,0 +1,126 @@
+"""The shared UMD backbone: towers, projections, type embeddings, fusion and poolers (UMD_SPEC 1.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from umd_lightning.models.config import BackboneConfig
+from umd_lightning.models.fusion import FusionEncoder, init_new_weights
+from umd_lightning.models.text import TextTower
+from umd_lightning.models.vision import VisionTower
+
+TEXT_TYPE = 0
+IMAGE_TYPE = 1
+
+
+@dataclass
+class BackboneOutput:
+    """What one backbone pass returns.
+
+    Attributes:
+        text_layers: the text stream after each fusion layer, (B, L, D) each.
+        image_layers: the image stream after each fusion layer, (B, 1+K, D) each (class token first).
+        text_pooled: ``h_t`` (B, D).
+        image_pooled: ``h_v`` (B, D).
+    """
+
+    text_layers: list[Tensor]
+    image_layers: list[Tensor]
+    text_pooled: Tensor
+    image_pooled: Tensor
+
+    @property
+    def text_feats(self) -> Tensor:
+        """The final text stream (B, L, D)."""
+        return self.text_layers[-1]
+
+    @property
+    def image_feats(self) -> Tensor:
+        """The final image stream (B, 1+K, D)."""
+        return self.image_layers[-1]
+
+    @property
+    def pooled(self) -> Tensor:
+        """The joint vector ``h = [h_t ; h_v]`` (B, 2D)."""
+        return torch.cat([self.text_pooled, self.image_pooled], dim=-1)
+
+
+class Pooler(nn.Module):
+    """Linear + tanh on the first token: (B, L, D) -> (B, D)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return torch.tanh(self.linear(tokens[:, 0]))
+
+
+class UMDBackbone(nn.Module):
+    """Vision and text towers, one Linear each into the fusion width ``D``, a modality-type embedding (text 0,
+    image 1) added to every token, ``K`` co-attention layers per stream, and one pooler per stream.
+
+    Args:
+        cfg: the sizes (``preset(...)`` gives named ones); its decoder section sizes the heads, not this.
+
+    Attributes:
+        width: the fusion width ``D``.
+    """
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.width: int = cfg.fusion.width
+        self.vision = VisionTower(cfg.vision, cfg.image_size)
+        self.text = TextTower(cfg.text)
+        self.text_proj = nn.Linear(self.text.width, self.width)
+        self.image_proj = nn.Linear(self.vision.width, self.width)
+        self.type_embed = nn.Embedding(2, self.width)
+        self.fusion = FusionEncoder(cfg.fusion)
+        self.text_pooler = Pooler(self.width)
+        self.image_pooler = Pooler(self.width)
+        for module in (self.text_proj, self.image_proj, self.type_embed, self.text_pooler, self.image_pooler):
+            module.apply(init_new_weights)
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        keep_indices: Tensor | None = None,
+    ) -> BackboneOutput:
+        """Encode an image-text batch.
+
+        Args:
+            pixel_values: (B, 3, H, W).
+            input_ids: (B, L).
+            attention_mask: (B, L), 1 / True for real tokens.
+            keep_indices: (B, K) patches to encode (masked pass); ``None`` encodes all ``N``.
+
+        Returns:
+            Per-layer streams and pooled vectors.
+        """
+        text = self.text_proj(self.text(input_ids, attention_mask)) + self.type_embed.weight[TEXT_TYPE]
+        image = self.image_proj(self.vision(pixel_values, keep_indices)) + self.type_embed.weight[IMAGE_TYPE]
+        text_layers, image_layers = self.fusion(text, image, attention_mask.bool())
+        return BackboneOutput(
+            text_layers=text_layers,
+            image_layers=image_layers,
+            text_pooled=self.text_pooler(text_layers[-1]),
+            image_pooled=self.image_pooler(image_layers[-1]),
+        )
+
+    def text_side(self) -> list[nn.Module]:
+        """GM-Coord's text side: text tower, text projection, text-stream fusion layers."""
+        return [self.text, self.text_proj, self.fusion.text_layers]
+
+    def image_side(self) -> list[nn.Module]:
+        """GM-Coord's image side: vision tower, image projection, image-stream fusion layers."""
+        return [self.vision, self.image_proj, self.fusion.image_layers]
+
+    def tower_modules(self) -> list[nn.Module]:
+        """The pretrained towers (base learning rate); every other parameter takes the lr multiplier."""
+        return [self.vision, self.text]

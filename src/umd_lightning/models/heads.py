@@ -1,0 +1,186 @@
+"""Heads on the backbone: MIM decoder, MLM, ITM, feature predictor, classifier, retrieval (UMD_SPEC 1.2)."""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from umd_lightning.models.config import DecoderConfig
+from umd_lightning.models.fusion import init_new_weights
+
+
+def sincos_pos_embed_2d(dim: int, grid_hw: tuple[int, int]) -> Tensor:
+    """Fixed 2-D sine-cosine position embeddings (MAE): the first half of the channels encodes the row, the
+    second half the column, each as ``[sin(pos * omega), cos(pos * omega)]``,
+    ``omega_i = 10000^(-i / (dim/4))``.
+
+    Returns:
+        (h*w, dim), row-major over the grid.
+    """
+    if dim % 4:
+        raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, got {dim}")
+    h, w = grid_hw
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for pos in (rows.reshape(-1), cols.reshape(-1)):
+        angles = pos[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+class MIMDecoder(nn.Module):
+    """MAE-style decoder predicting, for every patch, its normalised pixels and a feature vector.
+
+    The kept patches' tokens (after ``embed``) are put back at their grid positions, the masked positions get
+    the learned mask token, fixed 2-D sine-cosine position embeddings are added (zeros for the class token),
+    then the blocks, a norm and two output Linears run.
+
+    Args:
+        in_dim: width of the image stream fed in (the fusion width ``D``).
+        cfg: decoder width, depth and heads.
+        patch_size: patch side ``p``; pixels are predicted as ``p*p*3`` per patch.
+        feature_dim: width of the predicted features (the FeaMIM target, usually ``D``).
+    """
+
+    def __init__(self, in_dim: int, cfg: DecoderConfig, patch_size: int, feature_dim: int) -> None:
+        super().__init__()
+        self.width = cfg.width
+        self.embed = nn.Linear(in_dim, cfg.width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.blocks = nn.ModuleList(
+            Block(cfg.width, cfg.heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm)
+            for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(cfg.width)
+        self.pixel_out = nn.Linear(cfg.width, patch_size * patch_size * 3)
+        self.feature_out = nn.Linear(cfg.width, feature_dim)
+        self.apply(init_new_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def insert_mask_tokens(self, embedded: Tensor, keep_indices: Tensor, num_patches: int) -> Tensor:
+        """Put the kept tokens back at their patch positions and the mask token everywhere else.
+
+        Args:
+            embedded: (B, 1+K, d_dec), class token first.
+            keep_indices: (B, K) patch index of each kept token.
+            num_patches: ``N``.
+
+        Returns:
+            (B, 1+N, d_dec), class token first.
+        """
+        cls, kept = embedded[:, :1], embedded[:, 1:]
+        batch, _, width = kept.shape
+        canvas = self.mask_token.to(kept.dtype).expand(batch, num_patches, width)
+        index = keep_indices.unsqueeze(-1).expand(-1, -1, width)
+        return torch.cat([cls, canvas.scatter(1, index, kept)], dim=1)
+
+    def forward(
+        self, tokens: Tensor, keep_indices: Tensor, grid_hw: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """Decode.
+
+        Args:
+            tokens: (B, 1+K, D) image-stream tokens of the masked pass.
+            keep_indices: (B, K) the kept patches.
+            grid_hw: the patch grid ``(h, w)``, ``N = h * w``.
+
+        Returns:
+            Pixels (B, N, p*p*3) and features (B, N, feature_dim), class token dropped.
+        """
+        num_patches = grid_hw[0] * grid_hw[1]
+        x = self.insert_mask_tokens(self.embed(tokens), keep_indices, num_patches)
+        pos = sincos_pos_embed_2d(self.width, grid_hw).to(device=x.device, dtype=x.dtype)
+        x = x + torch.cat([pos.new_zeros(1, self.width), pos], dim=0)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)[:, 1:]
+        return self.pixel_out(x), self.feature_out(x)
+
+
+class MLMHead(nn.Module):
+    """BERT-style MLM head: Linear + GELU + LayerNorm, then Linear to the vocabulary (with bias).
+
+    ``forward``: (..., width) -> (..., vocab_size) logits.
+    """
+
+    def __init__(self, width: int, vocab_size: int) -> None:
+        super().__init__()
+        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
+        self.decoder = nn.Linear(width, vocab_size)
+        self.apply(init_new_weights)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.decoder(self.transform(features))
+
+
+class ITMHead(nn.Module):
+    """Image-text matching: Linear ``2D -> 2`` on the joint vector; class 1 = matched pair.
+
+    ``forward``: (B, 2D) -> (B, 2) logits.
+    """
+
+    def __init__(self, width2: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width2, 2)
+        self.apply(init_new_weights)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.linear(pooled)
+
+
+class FeaturePredictor(nn.Module):
+    """Two-layer MLP (Linear, GELU, Linear) ``D -> D`` predicting the teacher's features (FeaMLM).
+
+    ``forward``: (..., width) -> (..., width).
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        self.apply(init_new_weights)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.mlp(features)
+
+
+class ClassifierHead(nn.Module):
+    """VQA / classification head: Linear(in, in), LayerNorm, GELU, then ``final`` Linear(in, out).
+
+    GM-Coord reads ``final``'s weight and bias to form the uni-modal logits.
+
+    ``forward``: (B, in_dim) -> (B, num_outputs) logits.
+    """
+
+    def __init__(self, in_dim: int, num_outputs: int) -> None:
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(in_dim, in_dim), nn.LayerNorm(in_dim), nn.GELU())
+        self.final = nn.Linear(in_dim, num_outputs)
+        self.apply(init_new_weights)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.final(self.hidden(pooled))
+
+
+class RetrievalHead(nn.Module):
+    """Image-text retrieval score: Linear ``2D -> 1``, initialised from the ITM head's positive row.
+
+    ``forward``: (..., in_dim) -> (...) scores (the last dimension squeezed).
+    """
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, 1)
+        self.apply(init_new_weights)
+
+    @torch.no_grad()
+    def init_from_itm(self, itm: ITMHead) -> None:
+        """Copy the ITM head's "matched" (index 1) weight row and bias."""
+        self.linear.weight.copy_(itm.linear.weight[1:2])
+        self.linear.bias.copy_(itm.linear.bias[1:2])
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.linear(pooled).squeeze(-1)

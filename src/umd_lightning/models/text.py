@@ -1,0 +1,74 @@
+"""The BERT-family text tower and its tokenizer, loaded by ``transformers`` Auto classes (UMD_SPEC 1.1)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from torch import Tensor, nn
+from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
+
+from umd_lightning.models.config import TextConfig, resolve_text_model
+
+
+def _resolve(name_or_path: str) -> tuple[str, bool]:
+    """The resolved path, and whether it is a local folder (which must never reach the network)."""
+    path = resolve_text_model(name_or_path)
+    return path, Path(path).is_dir()
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of a text model (a local folder, the ``minilm`` alias or a hub name).
+
+    Raises:
+        ValueError: the model has no fast tokenizer (whole-word masking needs ``word_ids()``).
+    """
+    path, local = _resolve(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    if not isinstance(tokenizer, PreTrainedTokenizerFast):
+        raise ValueError(f"{name_or_path!r} has no fast tokenizer; whole-word masking needs word_ids()")
+    return tokenizer
+
+
+class TextTower(nn.Module):
+    """Any encoder ``transformers.AutoModel`` loads, without its pooler.
+
+    Args:
+        cfg: which model, pretrained or random, and config overrides. The overrides apply in both cases (a
+            pretrained model accepts those that keep the weight shapes, such as dropout rates).
+
+    Attributes:
+        encoder: the transformers model.
+        width: hidden size.
+        vocab_size: the embedding table's size.
+    """
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        path, local = _resolve(cfg.name_or_path)
+        config = AutoConfig.from_pretrained(path, local_files_only=local, **cfg.overrides)
+        # A pooler's parameters would get no gradient (DDP complains): skip it where the class allows.
+        model_class = MODEL_MAPPING[type(config)]
+        kwargs = (
+            {"add_pooling_layer": False}
+            if "add_pooling_layer" in inspect.signature(model_class).parameters
+            else {}
+        )
+        if cfg.pretrained:
+            self.encoder = AutoModel.from_pretrained(path, config=config, local_files_only=local, **kwargs)
+        else:
+            self.encoder = AutoModel.from_config(config, **kwargs)
+        self.width: int = config.hidden_size
+        self.vocab_size: int = config.vocab_size
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token features.
+
+        Args:
+            input_ids: (B, L) token ids.
+            attention_mask: (B, L), 1 / True for real tokens.
+
+        Returns:
+            (B, L, width) last hidden state.
+        """
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -1,0 +1,152 @@
+"""The ViT vision tower: a timm ViT that encodes only the kept patches of each sample (UMD_SPEC 1.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import Tensor, nn
+
+from umd_lightning.models.config import VisionConfig
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a weights file without executing pickled code.
+
+    ``.safetensors`` files go through safetensors; anything else through ``torch.load(weights_only=True)``,
+    which refuses checkpoints holding arbitrary Python objects. A state dict nested under ``"state_dict"`` or
+    ``"model"`` is unwrapped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        pickle.UnpicklingError: the file needs more than tensors and plain containers to unpickle.
+        ValueError: the file holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vision checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        state: Any = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+class VisionTower(nn.Module):
+    """A timm ViT whose forward encodes the class token plus a per-sample subset of patches (MAE style).
+
+    Any image size whose sides are multiples of the patch size is accepted: the position embeddings are
+    resampled from the tower's native grid (``image_size / patch_size``) to the input's grid.
+
+    Args:
+        cfg: architecture, sizes and where pretrained weights come from.
+        image_size: the native input side; sizes the position embedding table and any loaded checkpoint's one.
+
+    Attributes:
+        vit: the timm model (classifier removed).
+        width: token width.
+        patch_size: patch side in pixels.
+    """
+
+    def __init__(self, cfg: VisionConfig, image_size: int) -> None:
+        super().__init__()
+        overrides = {
+            key: value
+            for key, value in (("embed_dim", cfg.width), ("depth", cfg.depth), ("num_heads", cfg.heads))
+            if value is not None
+        }
+        # dynamic_img_size makes the patch embedding accept any multiple of the patch and return the (h, w)
+        # grid; this class adds the position embeddings itself, so the model's own resampling is never used.
+        self.vit: VisionTransformer = timm.create_model(
+            cfg.arch,
+            pretrained=cfg.pretrained_hub,
+            num_classes=0,
+            img_size=image_size,
+            patch_size=cfg.patch_size,
+            dynamic_img_size=True,
+            **overrides,
+        )
+        if not isinstance(self.vit, VisionTransformer):
+            raise ValueError(f"{cfg.arch!r} is not a timm VisionTransformer")
+        if self.vit.cls_token is None or self.vit.reg_token is not None or self.vit.pos_embed is None:
+            raise ValueError(
+                f"{cfg.arch!r}: the tower needs a class token, no register tokens and a pos_embed"
+            )
+        self.width: int = self.vit.embed_dim
+        self.patch_size: int = cfg.patch_size
+        if cfg.pretrained_path:
+            self.load_pretrained(cfg.pretrained_path)
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load a local timm ViT checkpoint, resampling its position embedding to this tower's grid.
+
+        timm's own filter converts OpenAI/OpenCLIP layouts and a patch embedding of another size; the
+        classifier head, absent from the tower, is dropped.
+
+        Raises:
+            RuntimeError: tower weights missing from the checkpoint, or keys the tower does not have.
+        """
+        state = checkpoint_filter_fn(load_checkpoint_file(path), self.vit)
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        self.vit.load_state_dict(state, strict=True)
+
+    def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:
+        """Patch grid ``(h, w)`` for a square side or an ``(H, W)`` pair.
+
+        Raises:
+            ValueError: a side that is not a multiple of the patch size.
+        """
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
+            )
+        return height // self.patch_size, width // self.patch_size
+
+    def _position_embedding(self, grid_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Class-token and patch position embeddings ((1, 1, C), (1, h*w, C)) for the grid ``grid_hw``."""
+        vit = self.vit
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        pos = resample_abs_pos_embed(
+            vit.pos_embed,
+            new_size=list(grid_hw),
+            old_size=list(vit.patch_embed.grid_size),
+            num_prefix_tokens=prefix,
+        )
+        if vit.no_embed_class:
+            return torch.zeros_like(vit.cls_token), pos
+        return pos[:, :1], pos[:, 1:]
+
+    def forward(self, pixel_values: Tensor, keep_indices: Tensor | None = None) -> Tensor:
+        """Encode the class token and the kept patches.
+
+        Args:
+            pixel_values: (B, 3, H, W), ``H`` and ``W`` multiples of the patch size.
+            keep_indices: (B, K) row-major indices of the patches to encode; ``None`` keeps all ``N``.
+
+        Returns:
+            (B, 1+K, width) (or (B, 1+N, width)), class token first, patches in ``keep_indices`` order.
+        """
+        vit = self.vit
+        grid_hw = self.grid_size((pixel_values.shape[-2], pixel_values.shape[-1]))
+        patches = vit.patch_embed(pixel_values).flatten(1, 2)  # (B, N, C): the NHWC grid, row-major
+        cls_pos, patch_pos = self._position_embedding(grid_hw)
+        patches = patches + patch_pos
+        if keep_indices is not None:
+            index = keep_indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+            patches = patches.gather(1, index)
+        cls = (vit.cls_token + cls_pos).expand(patches.shape[0], -1, -1)
+        tokens = vit.pos_drop(torch.cat([cls, patches], dim=1))
+        tokens = vit.norm_pre(tokens)
+        tokens = vit.blocks(tokens)
+        return vit.norm(tokens)
