@@ -1,0 +1,6 @@
+"""LightningModules for the UMD stages; they share one backbone class (``models.UMDBackbone``)."""
+
+from umd_lightning.stages.base import NonFiniteLossError, StageError, UMDStage
+from umd_lightning.stages.pretrain import MRPretrain
+
+__all__ = ["MRPretrain", "NonFiniteLossError", "StageError", "UMDStage"]

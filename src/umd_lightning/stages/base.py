@@ -1,0 +1,233 @@
+"""What every UMD stage shares: the backbone from a preset, parameter groups with lr multipliers, warm-up then
+decay, loading a previous stage's weights with an exact key check, and a guard against non-finite losses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from umd_lightning.models.backbone import UMDBackbone
+from umd_lightning.models.config import BackboneConfig, preset
+
+Schedule = Literal["linear", "cosine"]
+
+
+class StageError(RuntimeError):
+    """A configuration or checkpoint mistake, with a one-line message that says what to change."""
+
+
+class NonFiniteLossError(StageError):
+    """A loss term turned NaN or infinite; the message names the step and the term."""
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint without unpickling arbitrary objects (``torch.load(weights_only=True)``).
+
+    Raises:
+        StageError: the file is missing, or it holds objects that need full unpickling.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"pretrained checkpoint not found: {path} (check the `pretrained:` path)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError and others for disallowed globals
+        raise StageError(
+            f"{path} cannot be read with torch.load(weights_only=True): {str(exc).splitlines()[0]}. Only load "
+            "files you trust; to allow one, load it yourself with weights_only=False and re-save its state_dict."
+        ) from exc
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: Schedule):
+    """Multiplier of the base lr at each optimiser step: linear warm-up over ``warmup_ratio`` of the steps, then
+    linear or cosine decay to 0 at ``total_steps``."""
+    warmup = int(round(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+class UMDStage(pl.LightningModule):
+    """Base of the MR-Pretrain, TD-Calib and fine-tuning stages.
+
+    Args:
+        preset: backbone size, ``tiny`` (tests), ``small`` (CPU) or ``base`` (the paper).
+        backbone_overrides: dotted-key changes to the preset, e.g. ``{"fusion.layers": 4}``.
+        text_model: the text tower and tokenizer (a local folder, ``minilm`` or a hub name); linked from the data's
+            ``tokenizer`` by the CLI.
+        image_size: input image side in pixels; linked from the data's ``image_size`` by the CLI.
+        lr: base learning rate (pretrained towers).
+        lr_mult: multiplier for the fusion layers, projections, poolers and type embeddings.
+        head_lr_mult: multiplier for the heads.
+        weight_decay: AdamW weight decay (none on biases and norm weights).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_ratio: fraction of the optimiser steps spent warming up.
+        schedule: decay after warm-up, ``linear`` or ``cosine``.
+        pretrained: a previous stage's checkpoint to start from (``--ckpt_path`` is only for resuming).
+    """
+
+    stage_name: str = "base"
+    accepts_pretrained_from: tuple[str, ...] = ()
+    """Stages whose checkpoints this stage may start from."""
+
+    def __init__(
+        self,
+        preset: str = "small",
+        backbone_overrides: dict[str, Any] | None = None,
+        text_model: str | None = None,
+        image_size: int | None = None,
+        lr: float = 1e-5,
+        lr_mult: float = 5.0,
+        head_lr_mult: float = 5.0,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-8,
+        warmup_ratio: float = 0.1,
+        schedule: Schedule = "linear",
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone_config = self.make_backbone_config(preset, backbone_overrides, text_model, image_size)
+        self.backbone = UMDBackbone(self.backbone_config)
+
+    @staticmethod
+    def make_backbone_config(
+        preset_name: str, overrides: dict[str, Any] | None, text_model: str | None, image_size: int | None
+    ) -> BackboneConfig:
+        try:
+            cfg = preset(preset_name, overrides)
+        except (ValueError, KeyError) as exc:
+            raise StageError(str(exc).strip("'\"")) from None
+        if text_model is not None:
+            cfg.text.name_or_path = text_model
+        if image_size is not None:
+            cfg.image_size = image_size
+        return cfg
+
+    # ----------------------------------------------------------------------------------------------- optimiser
+    def head_modules(self) -> list[nn.Module]:
+        """Modules trained at ``lr * head_lr_mult``: every direct child but the backbone and the teacher."""
+        return [m for name, m in self.named_children() if name not in ("backbone", "teacher")]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: (towers | rest of the backbone | heads) x (decay | no decay on biases and norms)."""
+        hp = self.hparams
+        tower_ids = {id(p) for m in self.backbone.tower_modules() for p in m.parameters()}
+        head_ids = {id(p) for m in self.head_modules() for p in m.parameters()}
+        groups: dict[tuple[str, bool], dict[str, Any]] = {}
+        seen: set[int] = set()
+        for name, param in self.named_parameters():
+            if not param.requires_grad or name.startswith("teacher.") or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if id(param) in tower_ids:
+                kind, mult = "tower", 1.0
+            elif id(param) in head_ids:
+                kind, mult = "head", hp.head_lr_mult
+            else:
+                kind, mult = "fusion", hp.lr_mult
+            decay = param.ndim > 1 and not name.endswith(".bias")
+            group = groups.setdefault(
+                (kind, decay),
+                {
+                    "name": f"{kind}{'' if decay else '_no_decay'}",
+                    "params": [],
+                    "lr": hp.lr * mult,
+                    "weight_decay": hp.weight_decay if decay else 0.0,
+                },
+            )
+            group["params"].append(param)
+        return list(groups.values())
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, hp.warmup_ratio, hp.schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------- stage hand-off
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["umd_stage"] = self.stage_name
+        checkpoint["umd_backbone_config"] = self.backbone_config.to_dict()
+
+    def pretrained_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes this stage takes from a previous stage's checkpoint."""
+        return ("backbone.",)
+
+    def load_pretrained(self, path: str | Path) -> tuple[list[str], list[str]]:
+        """Load a previous stage's weights by key prefix, asserting the key sets match exactly.
+
+        Every key of this module under :meth:`pretrained_prefixes` must come from the checkpoint with the same
+        shape, and the checkpoint keys under those prefixes must all exist here.
+
+        Returns:
+            The checkpoint keys left out (other prefixes) and this module's keys not loaded (other prefixes).
+
+        Raises:
+            StageError: wrong stage, missing/unexpected keys or shape mismatches (first few named).
+        """
+        checkpoint = load_checkpoint_file(path)
+        source_stage = checkpoint.get("umd_stage")
+        if source_stage not in self.accepts_pretrained_from:
+            raise StageError(
+                f"{path} is a {source_stage or 'non-UMD'} checkpoint; {self.stage_name} starts from "
+                f"{' or '.join(self.accepts_pretrained_from)} checkpoints"
+            )
+        source: Mapping[str, Tensor] = checkpoint["state_dict"]
+        prefixes = self.pretrained_prefixes()
+        own = self.state_dict()
+        take = {k: v for k, v in source.items() if k.startswith(prefixes)}
+        wanted = {k for k in own if k.startswith(prefixes)}
+        missing = sorted(wanted - take.keys())
+        unexpected = sorted(take.keys() - wanted)
+        mismatched = [f"{k}: {tuple(take[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(wanted & take.keys())
+                      if take[k].shape != own[k].shape]
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
+        if mismatched:
+            problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+        if problems:
+            saved = checkpoint.get("umd_backbone_config")
+            hint = " The checkpoint's backbone config differs from this run's preset." if (
+                saved is not None and saved != self.backbone_config.to_dict()) else ""
+            raise StageError(f"{path} does not fit this {self.stage_name} model: {'; '.join(problems)}.{hint}")
+        self.load_state_dict(take, strict=False)
+        left_out = sorted(k for k in source if not k.startswith(prefixes))
+        not_loaded = sorted(k for k in own if not k.startswith(prefixes))
+        return left_out, not_loaded
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def check_finite(self, terms: Mapping[str, Tensor]) -> None:
+        """Stop the run when a loss term is NaN or infinite, naming the step and the term.
+
+        Raises:
+            NonFiniteLossError: with the global step and the first non-finite term.
+        """
+        for name, value in terms.items():
+            if not torch.isfinite(value.detach()).all():
+                raise NonFiniteLossError(
+                    f"loss term {name!r} is {value.item()} at global step {self.global_step} "
+                    f"(epoch {self.current_epoch}); lower the lr, check the inputs, or try another precision"
+                )
+
+    def log_terms(self, prefix: str, terms: Mapping[str, Tensor], batch_size: int, **kwargs: Any) -> None:
+        self.log_dict({f"{prefix}/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size, **kwargs)

@@ -1,0 +1,229 @@
+"""Masked reconstruction shared by MR-Pretrain and TD-Calib (UMD_SPEC 2 and 3).
+
+One training step runs up to three passes:
+
+1. the student on the masked image (visible patches only) and masked text (``mask_mode="joint"``; ``"separate"``
+   runs M3AE's two passes instead),
+2. the EMA teacher on the full image and text, without gradients (only when a feature loss is on),
+3. the student on unmasked pairs, half of them with a swapped image, for ITM (only when ``w_itm > 0``).
+
+``loss = w_itm * L_ITM + alpha * (w_mim * L_MIM + w_mlm * L_MLM + w_feamim * L_FeaMIM + w_feamlm * L_FeaMLM)``;
+a weight of 0 skips that term's computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from umd_lightning import losses
+from umd_lightning.models.backbone import BackboneOutput
+from umd_lightning.models.heads import FeaturePredictor, ITMHead, MIMDecoder, MLMHead
+from umd_lightning.models.masking import normalized_pixel_targets, patchify, random_masking
+from umd_lightning.stages.base import StageError, UMDStage
+from umd_lightning.stages.ema import EMATeacher
+
+MaskMode = Literal["joint", "separate"]
+FeatureLoss = Literal["predictive", "reference"]
+
+
+def fusion_layer(layers: list[Tensor], index: int) -> Tensor:
+    """Pick a fusion layer's output: ``-1`` is the last, ``k >= 1`` the k-th (1-based, as in the papers)."""
+    if index == -1:
+        return layers[-1]
+    if not 1 <= index <= len(layers):
+        raise StageError(f"decoder.mim_layer={index} but the fusion has {len(layers)} layers: use -1 or 1..{len(layers)}")
+    return layers[index - 1]
+
+
+class ReconstructionStage(UMDStage):
+    """MIM, MLM, FeaMIM, FeaMLM and (optionally) ITM over image-text pairs.
+
+    Args:
+        mask_ratio_image: fraction of patches masked per sample.
+        mask_mode: ``joint`` (one masked pass, UMD reference) or ``separate`` (M3AE's two passes).
+        feature_loss: ``predictive`` (default: predictors after the decoder / on the text stream, targets from
+            the teacher through a non-affine LayerNorm) or ``reference`` (the authors' code, with its defects; for
+            reproduction only).
+        alpha: weight of the reconstruction terms.
+        w_itm: weight of ITM (0 builds no ITM head and skips the pass).
+        w_mim: weight of pixel MIM.
+        w_mlm: weight of MLM.
+        w_feamim: weight of feature MIM.
+        w_feamlm: weight of feature MLM.
+        ema_momentum: EMA teacher momentum per optimiser step.
+        itm_swap_prob: fraction of ITM pairs whose image is swapped for another sample's.
+        **kwargs: see :class:`~umd_lightning.stages.base.UMDStage`.
+    """
+
+    def __init__(
+        self,
+        mask_ratio_image: float = 0.75,
+        mask_mode: MaskMode = "joint",
+        feature_loss: FeatureLoss = "predictive",
+        alpha: float = 0.5,
+        w_itm: float = 1.0,
+        w_mim: float = 1.0,
+        w_mlm: float = 1.0,
+        w_feamim: float = 1.0,
+        w_feamlm: float = 1.0,
+        ema_momentum: float = 0.995,
+        itm_swap_prob: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if mask_mode not in ("joint", "separate"):
+            raise StageError(f"mask_mode must be 'joint' or 'separate', got {mask_mode!r}")
+        if feature_loss not in ("predictive", "reference"):
+            raise StageError(f"feature_loss must be 'predictive' or 'reference', got {feature_loss!r}")
+        cfg = self.backbone_config
+        width = self.backbone.width
+        self.mim_decoder = MIMDecoder(width, cfg.decoder, cfg.vision.patch_size, feature_dim=width)
+        self.mlm_head = MLMHead(width, self.backbone.text.vocab_size)
+        self.itm_head = ITMHead(2 * width) if w_itm > 0 else None
+        uses_features = w_feamim > 0 or w_feamlm > 0
+        self.feamlm_predictor = FeaturePredictor(width) if w_feamlm > 0 else None
+        if feature_loss == "reference" and w_feamlm > 0:
+            self.feamlm_predictor = nn.Linear(width, width)
+        self.teacher = EMATeacher(self.backbone, ema_momentum) if uses_features else None
+
+    # ------------------------------------------------------------------------------------------ teacher
+    def on_fit_start(self) -> None:
+        # Resumed runs keep the restored teacher; fresh runs (also after `pretrained` loading) copy the student.
+        if self.teacher is not None and self.trainer.ckpt_path is None:
+            self.teacher.copy_from(self.backbone)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.teacher is not None:
+            self.teacher.update(self.backbone)
+
+    # ------------------------------------------------------------------------------------------ losses
+    def reconstruction_losses(
+        self, batch: dict[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """All loss terms of one batch.
+
+        Returns:
+            (terms, metrics): the weighted total is ``terms["loss"]``; ``metrics`` holds accuracies.
+        """
+        hp = self.hparams
+        pixels: Tensor = batch["pixel_values"]
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        batch_size = pixels.shape[0]
+        patch = self.backbone_config.vision.patch_size
+        grid = self.backbone.vision.grid_size(tuple(pixels.shape[-2:]))
+        num_patches = grid[0] * grid[1]
+        terms: dict[str, Tensor] = {}
+        metrics: dict[str, Tensor] = {}
+        need_image = hp.w_mim > 0 or hp.w_feamim > 0
+        need_text = hp.w_mlm > 0 or hp.w_feamlm > 0
+
+        keep, mask = random_masking(batch_size, num_patches, hp.mask_ratio_image, pixels.device, generator)
+        text_out: BackboneOutput | None = None
+        image_out: BackboneOutput | None = None
+        if need_image or need_text:
+            if hp.mask_mode == "joint":
+                text_out = image_out = self.backbone(pixels, batch["mlm_input_ids"], attention_mask, keep)
+            else:
+                if need_text:
+                    text_out = self.backbone(pixels, batch["mlm_input_ids"], attention_mask, None)
+                if need_image:
+                    image_out = self.backbone(pixels, input_ids, attention_mask, keep)
+
+        teacher_out = self.teacher(pixels, input_ids, attention_mask) if self.teacher is not None else None
+        mim_layer = self.backbone_config.decoder.mim_layer
+
+        if need_image:
+            student_tokens = fusion_layer(image_out.image_layers, mim_layer)
+            pixel_pred, feature_pred = self.mim_decoder(student_tokens, keep, grid)
+            if hp.w_mim > 0:
+                target = normalized_pixel_targets(patchify(pixels, patch))
+                terms["mim"] = losses.mim_loss(pixel_pred, target, mask)
+            if hp.w_feamim > 0:
+                teacher_tokens = fusion_layer(teacher_out.image_layers, mim_layer)
+                if hp.feature_loss == "predictive":
+                    target = losses.feature_target(teacher_tokens[:, 1:])
+                    terms["feamim"] = losses.feature_mse(feature_pred, target, mask)
+                else:
+                    sequence = self.mim_decoder.insert_mask_tokens(
+                        self.mim_decoder.embed(student_tokens), keep, num_patches
+                    )
+                    terms["feamim"] = losses.reference_feamim(self.mim_decoder.embed, sequence, teacher_tokens, mask)
+
+        if need_text:
+            labels = batch["mlm_labels"]
+            if hp.w_mlm > 0:
+                logits = self.mlm_head(text_out.text_feats)
+                terms["mlm"] = losses.mlm_loss(logits, labels)
+                metrics["mlm_acc"] = losses.mlm_accuracy(logits.detach(), labels)
+            if hp.w_feamlm > 0:
+                if hp.feature_loss == "predictive":
+                    prediction = self.feamlm_predictor(text_out.text_feats)
+                    target = losses.feature_target(teacher_out.text_feats)
+                    terms["feamlm"] = losses.feature_mse(prediction, target, labels != losses.IGNORE_INDEX)
+                else:
+                    terms["feamlm"] = losses.reference_feamlm(
+                        self.feamlm_predictor, text_out.text_feats, teacher_out.text_feats
+                    )
+
+        # A last evaluation batch of one sample has nothing to swap with: ITM is left out of that batch only.
+        if self.itm_head is not None and (batch_size >= 2 or self.training):
+            itm_pixels, itm_labels = self.swap_images(pixels, generator)
+            itm_out = self.backbone(itm_pixels, input_ids, attention_mask, None)
+            itm_logits = self.itm_head(itm_out.pooled)
+            terms["itm"] = losses.itm_loss(itm_logits, itm_labels)
+            metrics["itm_acc"] = (itm_logits.detach().argmax(-1) == itm_labels).float().mean()
+
+        weights = {"mim": hp.w_mim, "mlm": hp.w_mlm, "feamim": hp.w_feamim, "feamlm": hp.w_feamlm}
+        total = sum(hp.alpha * weights[name] * value for name, value in terms.items() if name in weights)
+        if "itm" in terms:
+            total = total + hp.w_itm * terms["itm"]
+        terms["loss"] = total
+        return terms, metrics
+
+    def swap_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Swap the image of a random ``itm_swap_prob`` share of the pairs for another sample's (never its own).
+
+        Returns:
+            (pixels, labels): labels are 1 for kept pairs and 0 for swapped ones.
+        """
+        batch_size = pixels.shape[0]
+        if batch_size < 2:
+            raise StageError("ITM needs at least 2 samples per batch to swap images; raise the batch size")
+        device = pixels.device
+        swap = torch.rand(batch_size, generator=generator, device=device) < self.hparams.itm_swap_prob
+        # A shift in 1..B-1 modulo B is never 0, so no sample gets its own image back.
+        shift = torch.randint(1, batch_size, (batch_size,), generator=generator, device=device)
+        source = torch.arange(batch_size, device=device)
+        source = torch.where(swap, (source + shift) % batch_size, source)
+        return pixels[source], (~swap).long()
+
+    # ------------------------------------------------------------------------------------------ loops
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        terms, metrics = self.reconstruction_losses(batch)
+        self.check_finite(terms)
+        batch_size = batch["pixel_values"].shape[0]
+        self.log_terms("train", {**terms, **metrics}, batch_size, prog_bar=False)
+        self.log("train_loss", terms["loss"].detach(), batch_size=batch_size, prog_bar=True, logger=False)
+        if self.teacher is not None:
+            self.log("ema/momentum", self.teacher.momentum, batch_size=batch_size)
+        return terms["loss"]
+
+    @staticmethod
+    def _eval_generator(batch: dict[str, Any], batch_idx: int) -> torch.Generator:
+        return torch.Generator(device=batch["pixel_values"].device).manual_seed(batch_idx)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # A fixed generator per batch makes the masks, and so the validation losses, comparable across epochs.
+        terms, metrics = self.reconstruction_losses(batch, self._eval_generator(batch, batch_idx))
+        batch_size = batch["pixel_values"].shape[0]
+        if "mim" in terms and "mlm_acc" in metrics:
+            metrics["recon"] = terms["mim"] + (1.0 - metrics["mlm_acc"])
+        self.log_terms("val", {**terms, **metrics}, batch_size, sync_dist=True)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        terms, metrics = self.reconstruction_losses(batch, self._eval_generator(batch, batch_idx))
+        self.log_terms("test", {**terms, **metrics}, batch["pixel_values"].shape[0], sync_dist=True)
