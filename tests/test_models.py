@@ -104,9 +104,7 @@ def test_kept_subset_equals_timm_blocks_on_gathered_tokens(tower: VisionTower) -
         "deit3_small_patch16_224",  # position embeddings without a class-token entry
     ],
 )
-def test_full_pass_matches_timm_at_two_image_sizes(
-    tiny: BackboneConfig, arch: str, size: tuple[int, int]
-) -> None:
+def test_full_pass_matches_timm_at_two_image_sizes(tiny: BackboneConfig, arch: str, size: tuple[int, int]) -> None:
     tower = VisionTower(dataclasses.replace(tiny.vision, arch=arch), tiny.image_size).eval()
     images = torch.randn(2, 3, *size)
     out = tower(images)
@@ -132,9 +130,7 @@ class NotATensor:
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_local_checkpoint_loads_at_another_image_size(
-    tiny: BackboneConfig, tmp_path: Path, suffix: str
-) -> None:
+def test_local_checkpoint_loads_at_another_image_size(tiny: BackboneConfig, tmp_path: Path, suffix: str) -> None:
     torch.manual_seed(2)
     source = VisionTower(tiny.vision, 32)
     state = {k: v.clone() for k, v in source.vit.state_dict().items()}
@@ -161,9 +157,7 @@ def test_checkpoint_needing_pickle_is_refused(tiny: BackboneConfig, tmp_path: Pa
 
 def test_missing_checkpoint_is_reported(tiny: BackboneConfig, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
-        VisionTower(
-            dataclasses.replace(tiny.vision, pretrained_path=str(tmp_path / "none.pth")), image_size=32
-        )
+        VisionTower(dataclasses.replace(tiny.vision, pretrained_path=str(tmp_path / "none.pth")), image_size=32)
 
 
 # ---------------------------------------------------------------- text tower
@@ -181,9 +175,7 @@ def test_real_minilm_loads_offline_with_its_weights() -> None:
     text = TextTower(TextConfig(name_or_path=MINILM, pretrained=True)).eval()
     assert text.width == 384 and text.vocab_size == 30522
     stored = load_file(str(Path(resolve_text_model(MINILM)) / "model.safetensors"))
-    assert torch.equal(
-        text.encoder.embeddings.word_embeddings.weight, stored["embeddings.word_embeddings.weight"]
-    )
+    assert torch.equal(text.encoder.embeddings.word_embeddings.weight, stored["embeddings.word_embeddings.weight"])
     tokenizer = load_tokenizer(MINILM)
     assert tokenizer.is_fast
     batch = tokenizer(["a chest x-ray", "no acute findings in the lungs"], padding=True, return_tensors="pt")
@@ -276,9 +268,7 @@ def test_backbone_shapes_and_pooling(backbone: UMDBackbone) -> None:
     assert full.image_feats.shape == (2, 17, 32)
     assert out.text_feats is out.text_layers[-1] and out.image_feats is out.image_layers[-1]
     assert out.pooled.shape == (2, 64)
-    assert torch.equal(out.pooled[:, :32], out.text_pooled) and torch.equal(
-        out.pooled[:, 32:], out.image_pooled
-    )
+    assert torch.equal(out.pooled[:, :32], out.text_pooled) and torch.equal(out.pooled[:, 32:], out.image_pooled)
     expected = torch.tanh(backbone.image_pooler.linear(out.image_feats[:, 0]))
     assert torch.allclose(out.image_pooled, expected)
 

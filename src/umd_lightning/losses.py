@@ -5,7 +5,6 @@ Each masked loss averages over masked positions only: padding and visible positi
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -87,9 +86,7 @@ def reference_feamlm(projection: nn.Linear, student: Tensor, teacher: Tensor) ->
     return F.mse_loss(projection(student).float(), projection(teacher.detach()).float())
 
 
-def reference_feamim(
-    embed: nn.Linear, student_sequence: Tensor, teacher_tokens: Tensor, mask: Tensor
-) -> Tensor:
+def reference_feamim(embed: nn.Linear, student_sequence: Tensor, teacher_tokens: Tensor, mask: Tensor) -> Tensor:
     """The reference FeaMIM, kept for reproduction only (UMD_SPEC 2.3, ``feature_loss: reference``).
 
     The student side is the decoder input after the input Linear with mask tokens inserted, so at masked

@@ -103,8 +103,27 @@ class UMDBackbone(nn.Module):
         Returns:
             Per-layer streams and pooled vectors.
         """
-        text = self.text_proj(self.text(input_ids, attention_mask)) + self.type_embed.weight[TEXT_TYPE]
-        image = self.image_proj(self.vision(pixel_values, keep_indices)) + self.type_embed.weight[IMAGE_TYPE]
+        image = self.embed_image(pixel_values, keep_indices)
+        text = self.embed_text(input_ids, attention_mask)
+        return self.fuse(text, attention_mask, image)
+
+    def embed_image(self, pixel_values: Tensor, keep_indices: Tensor | None = None) -> Tensor:
+        """Vision tower, projection and type embedding: (B, 3, H, W) -> (B, 1+K, D)."""
+        return self.image_proj(self.vision(pixel_values, keep_indices)) + self.type_embed.weight[IMAGE_TYPE]
+
+    def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Text tower, projection and type embedding: (B, L) -> (B, L, D)."""
+        return self.text_proj(self.text(input_ids, attention_mask)) + self.type_embed.weight[TEXT_TYPE]
+
+    def fuse(self, text: Tensor, attention_mask: Tensor, image: Tensor) -> BackboneOutput:
+        """Co-attention fusion and pooling of embedded streams, so that a cross-encoder can pair each embedded
+        image with many embedded texts (retrieval) without re-running the towers.
+
+        Args:
+            text: (B, L, D) from :meth:`embed_text`.
+            attention_mask: (B, L).
+            image: (B, M, D) from :meth:`embed_image`.
+        """
         text_layers, image_layers = self.fusion(text, image, attention_mask.bool())
         return BackboneOutput(
             text_layers=text_layers,

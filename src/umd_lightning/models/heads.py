@@ -52,8 +52,7 @@ class MIMDecoder(nn.Module):
         self.embed = nn.Linear(in_dim, cfg.width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm)
-            for _ in range(cfg.depth)
+            Block(cfg.width, cfg.heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.width)
         self.pixel_out = nn.Linear(cfg.width, patch_size * patch_size * 3)
@@ -78,9 +77,7 @@ class MIMDecoder(nn.Module):
         index = keep_indices.unsqueeze(-1).expand(-1, -1, width)
         return torch.cat([cls, canvas.scatter(1, index, kept)], dim=1)
 
-    def forward(
-        self, tokens: Tensor, keep_indices: Tensor, grid_hw: tuple[int, int]
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, keep_indices: Tensor, grid_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Decode.
 
         Args:

@@ -50,9 +50,7 @@ class TextTower(nn.Module):
         # A pooler's parameters would get no gradient (DDP complains): skip it where the class allows.
         model_class = MODEL_MAPPING[type(config)]
         kwargs = (
-            {"add_pooling_layer": False}
-            if "add_pooling_layer" in inspect.signature(model_class).parameters
-            else {}
+            {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
         )
         if cfg.pretrained:
             self.encoder = AutoModel.from_pretrained(path, config=config, local_files_only=local, **kwargs)

@@ -79,9 +79,7 @@ class VisionTower(nn.Module):
         if not isinstance(self.vit, VisionTransformer):
             raise ValueError(f"{cfg.arch!r} is not a timm VisionTransformer")
         if self.vit.cls_token is None or self.vit.reg_token is not None or self.vit.pos_embed is None:
-            raise ValueError(
-                f"{cfg.arch!r}: the tower needs a class token, no register tokens and a pos_embed"
-            )
+            raise ValueError(f"{cfg.arch!r}: the tower needs a class token, no register tokens and a pos_embed")
         self.width: int = self.vit.embed_dim
         self.patch_size: int = cfg.patch_size
         if cfg.pretrained_path:
@@ -108,9 +106,7 @@ class VisionTower(nn.Module):
         """
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(
-                f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}"
-            )
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {self.patch_size}")
         return height // self.patch_size, width // self.patch_size
 
     def _position_embedding(self, grid_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
