@@ -1,0 +1,259 @@
+"""What every loader shares: safe paths, image decoding to RGB, the ``on_error`` policy and the set-up scan.
+
+The rules (DATA.md, end): annotation paths stay inside the data root; a missing or undecodable image or an empty
+text is a data error; ``on_error="raise"`` (default) fails at set-up naming file, record and reason, and
+``on_error="skip"`` drops the record and counts it by kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image, ImageFile
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["raise", "skip"]
+ScanMode = Literal["full", "header", "none"]
+"""How much of each image the set-up scan reads: ``full`` decodes it (finds truncated files), ``header`` opens it
+(finds missing and non-image files), ``none`` only checks the annotation."""
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DataError(ValueError):
+    """A problem with one record of a data set, naming the file and record at fault.
+
+    Attributes:
+        kind: a short category used for counting (``missing_image``, ``bad_image``, ``empty_text``, ...).
+        file: the annotation or image file at fault.
+        record: the record's id (or line number) in that file.
+        reason: what is wrong, in words.
+    """
+
+    def __init__(self, kind: str, file: str | Path, record: str | int | None, reason: str) -> None:
+        self.kind = kind
+        self.file = str(file)
+        self.record = record
+        self.reason = reason
+        where = f"{self.file}" + (f", record {record}" if record is not None else "")
+        super().__init__(f"{where}: {reason} [{kind}]")
+
+
+def safe_join(root: str | Path, relative: Any, *, file: str | Path, record: str | int | None) -> Path:
+    """Join an annotation's relative path under ``root``, refusing anything that would leave it.
+
+    Raises:
+        DataError: the path is not a non-empty string, is absolute, or escapes the root (``..``).
+    """
+    if not isinstance(relative, str) or not relative.strip():
+        raise DataError("bad_path", file, record, f"image path must be a non-empty string, got {relative!r}")
+    rel = Path(relative)
+    if rel.is_absolute() or relative.startswith(("/", "\\")):
+        raise DataError("unsafe_path", file, record, f"absolute image path {relative!r} is not allowed")
+    root = Path(root).resolve()
+    joined = (root / rel).resolve()
+    if joined != root and root not in joined.parents:
+        raise DataError("unsafe_path", file, record, f"image path {relative!r} leaves the data root {root}")
+    return joined
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL image (grayscale, 16-bit, RGBA, LA, palette, CMYK) to 8-bit RGB.
+
+    16-bit and 32-bit integer images are rescaled by their own range (min-max), transparent pixels are placed on
+    black.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, *, file: str | Path | None = None, record: str | int | None = None) -> Image.Image:
+    """Decode an image file fully and return it as RGB.
+
+    Raises:
+        DataError: the file is missing, empty, not an image, truncated, or larger than PIL's
+            decompression-bomb limit.
+    """
+    path = Path(path)
+    where = file if file is not None else path
+    if not path.is_file():
+        raise DataError("missing_image", where, record, f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError("bad_image", where, record, f"image file is empty (0 bytes): {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError("image_too_large", where, record, f"{path}: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError("bad_image", where, record, f"cannot decode {path}: {exc}") from exc
+
+
+def check_image_header(path: str | Path, *, file: str | Path | None = None, record: str | int | None = None) -> None:
+    """Open an image without decoding its pixels (cheap scan).
+
+    Raises:
+        DataError: missing, empty or unidentifiable file.
+    """
+    path = Path(path)
+    where = file if file is not None else path
+    if not path.is_file():
+        raise DataError("missing_image", where, record, f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError("bad_image", where, record, f"image file is empty (0 bytes): {path}")
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError("bad_image", where, record, f"cannot read {path}: {exc}") from exc
+
+
+def check_text(text: Any, *, file: str | Path, record: str | int | None, what: str = "text") -> str:
+    """Return ``text`` stripped, or raise when it is not a non-empty string.
+
+    Raises:
+        DataError: kind ``empty_text``.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("empty_text", file, record, f"{what} must be a non-empty string, got {text!r}")
+    return text.strip()
+
+
+@dataclass
+class ScanReport:
+    """What a set-up scan found in one split.
+
+    Attributes:
+        name: the data set and split, e.g. ``roco/train``.
+        read: records read from the annotations.
+        kept: records that passed.
+        problems: count of skipped records by kind.
+        examples: the first few ``DataError`` messages of each kind.
+    """
+
+    name: str
+    read: int = 0
+    kept: int = 0
+    problems: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 3
+
+    def add(self, error: DataError) -> None:
+        self.problems[error.kind] += 1
+        shown = self.examples.setdefault(error.kind, [])
+        if len(shown) < self.max_examples:
+            shown.append(str(error))
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.problems.values())
+
+    def summary(self) -> str:
+        line = f"{self.name}: {self.read} records read, {self.kept} kept, {self.skipped} skipped"
+        for kind, count in sorted(self.problems.items()):
+            line += f"\n  {kind}: {count}" + "".join(f"\n    {msg}" for msg in self.examples.get(kind, []))
+        return line
+
+
+def scan(
+    items: Iterable[Any],
+    check: Callable[[Any], Any],
+    *,
+    name: str,
+    on_error: OnError = "raise",
+    total: int | None = None,
+    progress: bool = True,
+) -> tuple[list[Any], ScanReport]:
+    """Run ``check`` on every item at set-up; keep what passes, raise or count what fails.
+
+    ``check`` returns the item to keep (possibly transformed) or raises ``DataError``.
+
+    Raises:
+        DataError: the first failing item, when ``on_error == "raise"``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    report = ScanReport(name=name)
+    kept: list[Any] = []
+    if total is None and isinstance(items, Sequence):
+        total = len(items)
+    for item in tqdm(items, total=total, desc=f"scan {name}", disable=not progress, leave=False):
+        report.read += 1
+        try:
+            kept.append(check(item))
+        except DataError as error:
+            if on_error == "raise":
+                raise
+            report.add(error)
+    report.kept = len(kept)
+    if report.skipped:
+        log.warning(report.summary())
+    else:
+        log.info(report.summary())
+    return kept, report
+
+
+def scan_images(
+    records: Sequence[dict[str, Any]],
+    *,
+    name: str,
+    mode: ScanMode = "full",
+    on_error: OnError = "raise",
+    image_key: str = "image",
+    id_key: str = "id",
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], ScanReport]:
+    """Scan the image file of every record (``mode``: ``full`` decodes, ``header`` opens, ``none`` skips).
+
+    An image shared by several records (VQA: many questions per image) is read once; every record that uses a
+    bad image fails with that record's id. Records whose image is not a path (in-memory arrays) pass.
+
+    Raises:
+        DataError: the first bad image, when ``on_error == "raise"``.
+        ValueError: unknown ``mode``.
+    """
+    if mode not in ("full", "header", "none"):
+        raise ValueError(f"scan must be 'full', 'header' or 'none', got {mode!r}")
+    checker = {"full": load_image, "header": check_image_header}.get(mode)
+    verdicts: dict[Path, DataError | None] = {}
+
+    def check(record: dict[str, Any]) -> dict[str, Any]:
+        path = record[image_key]
+        if checker is None or not isinstance(path, str | Path):
+            return record
+        path = Path(path)
+        if path not in verdicts:
+            try:
+                checker(path, record=record[id_key])
+                verdicts[path] = None
+            except DataError as error:
+                verdicts[path] = error
+        error = verdicts[path]
+        if error is not None:
+            raise DataError(error.kind, error.file, record[id_key], error.reason)
+        return record
+
+    return scan(records, check, name=name, on_error=on_error, progress=progress)
