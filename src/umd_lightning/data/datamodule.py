@@ -1,0 +1,146 @@
+"""The pre-training DataModule: which sources, which splits, how many workers; nothing else (STYLE.md 8)."""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from umd_lightning.data.collate import PretrainCollator
+from umd_lightning.data.common import OnError, ScanMode
+from umd_lightning.data.pretrain import PretrainConcatDataset, SourceSpec, build_pretrain_datasets
+from umd_lightning.data.transforms import image_transform
+from umd_lightning.models.config import resolve_text_model
+
+log = logging.getLogger(__name__)
+
+
+class PretrainDataModule(LightningDataModule):
+    """Image-text pairs from one or more sources, tokenised and whole-word masked (MR-Pretrain, TD-Calib).
+
+    Batches are the dicts of ``PretrainCollator`` (``pixel_values``, ``input_ids``, ``attention_mask``,
+    ``mlm_input_ids``, ``mlm_labels``, ``ids``, ``texts``). Validation and test batches get the same masks
+    every epoch (``fixed_masks``), so their reconstruction losses can be compared across epochs.
+
+    Args:
+        sources: the data sets, each ``{format, root, options}`` (see ``SourceSpec``); their splits are
+            concatenated.
+        tokenizer: tokenizer name or local folder (``minilm`` is the packaged all-MiniLM-L6-v2); must match
+            the model's text tower. A folder is read with ``local_files_only``.
+        image_size: side of the square images given to the model.
+        max_text_length: texts are truncated to this many tokens.
+        mask_ratio_text: fraction of each text's tokens to mask, whole words at a time.
+        batch_size: samples per batch (per process).
+        num_workers: DataLoader worker processes; 0 loads in the main process.
+        on_error: ``raise`` stops at the first bad record at set-up; ``skip`` drops and counts bad records.
+        scan: how deeply images are checked at set-up: ``full`` decodes, ``header`` opens, ``none`` skips.
+        val_split: the validation split (each format maps ``val`` to its own name, e.g. MedPix ``dev``).
+        seed: seed of the text masking.
+    """
+
+    def __init__(
+        self,
+        sources: list[SourceSpec],
+        tokenizer: str = "minilm",
+        image_size: int = 288,
+        max_text_length: int = 64,
+        mask_ratio_text: float = 0.15,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        on_error: OnError = "raise",
+        scan: ScanMode = "full",
+        val_split: str = "val",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise ValueError("PretrainDataModule needs at least one source")
+        self.sources = [SourceSpec(**source) if isinstance(source, dict) else source for source in sources]
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.max_text_length = max_text_length
+        self.mask_ratio_text = mask_ratio_text
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.on_error: OnError = on_error
+        self.scan: ScanMode = scan
+        self.val_split = val_split
+        self.seed = seed
+        self.train_dataset: PretrainConcatDataset | None = None
+        self.val_dataset: PretrainConcatDataset | None = None
+        self.test_dataset: PretrainConcatDataset | None = None
+
+    @cached_property
+    def text_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The loaded fast tokenizer named by ``tokenizer``."""
+        name_or_path = resolve_text_model(self.tokenizer)
+        return AutoTokenizer.from_pretrained(name_or_path, use_fast=True, local_files_only=Path(name_or_path).is_dir())
+
+    def _build(self, split: str, train: bool) -> PretrainConcatDataset:
+        dataset = build_pretrain_datasets(
+            self.sources,
+            split,
+            image_transform(self.image_size, train=train),
+            on_error=self.on_error,
+            scan=self.scan,
+        )
+        for report in dataset.reports:
+            rank_zero_info(report.summary())
+        rank_zero_info(f"{split}: {len(dataset)} image-text pairs from {len(dataset.reports)} source(s)")
+        return dataset
+
+    def setup(self, stage: str) -> None:
+        """Build the splits a stage needs and print their scan reports.
+
+        ``fit``: train and validation; ``validate``: validation; ``test`` and ``predict``: test.
+        """
+        if stage == "fit" and self.train_dataset is None:
+            self.train_dataset = self._build("train", train=True)
+        if stage in ("fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._build(self.val_split, train=False)
+        if stage in ("test", "predict") and self.test_dataset is None:
+            self.test_dataset = self._build("test", train=False)
+
+    def _collator(self, train: bool) -> PretrainCollator:
+        return PretrainCollator(
+            self.text_tokenizer,
+            max_length=self.max_text_length,
+            mask_ratio_text=self.mask_ratio_text,
+            seed=self.seed,
+            fixed_masks=not train,
+        )
+
+    def _loader(self, dataset: PretrainConcatDataset | None, split: str, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"the {split} split is not built: call setup() with the matching stage first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=self._collator(train),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches, the last incomplete one dropped (every step sees ``batch_size`` pairs)."""
+        if self.train_dataset is not None and len(self.train_dataset) < self.batch_size:
+            raise ValueError(
+                f"the train split has {len(self.train_dataset)} pairs, fewer than "
+                f"batch_size={self.batch_size}: with drop_last no batch would be produced"
+            )
+        return self._loader(self.train_dataset, "train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.val_split, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test", train=False)
