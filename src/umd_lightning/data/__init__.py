@@ -1,0 +1,15 @@
+"""Data: one dataset per publisher layout, transforms, collates (tokenisation and masking) and thin DataModules."""
+
+from umd_lightning.data.common import DataError, ScanReport
+from umd_lightning.data.datamodule import PretrainDataModule, SourceSpec
+from umd_lightning.data.downstream import ClassificationDataModule, RetrievalDataModule, VQADataModule
+
+__all__ = [
+    "ClassificationDataModule",
+    "DataError",
+    "PretrainDataModule",
+    "RetrievalDataModule",
+    "ScanReport",
+    "SourceSpec",
+    "VQADataModule",
+]

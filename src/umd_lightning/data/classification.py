@@ -1,0 +1,325 @@
+"""Image-text classification data sets (DATA.md, "Downstream classification"), the dataset and collate.
+
+Each ``*_records`` function returns plain dict records ``{"id": str, "image": Path | numpy array, "text": str,
+"label_name": str, "split": "train" | "val" | "test"}``; class ids come from the sorted label names of the
+training split (:func:`class_names_from`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from umd_lightning.data.common import (
+    DataError,
+    OnError,
+    ScanMode,
+    ScanReport,
+    check_text,
+    load_image,
+    safe_join,
+    scan,
+    scan_images,
+    to_rgb,
+)
+from umd_lightning.data.vqa import require_files
+
+ClassificationDatasetName = Literal["melinda", "medpix", "medmnist"]
+MELINDA_LABEL_COLUMNS = ("i_meth", "p_meth", "i_meth_label", "p_meth_label")
+MEDPIX_LABEL_COLUMNS = ("Location Category", "Type")
+DEFAULT_LABEL_COLUMN = {"melinda": "p_meth_label", "medpix": "Location Category", "medmnist": None}
+
+Record = dict[str, Any]
+
+
+def _check_label_column(dataset: str, label_column: str, valid: Sequence[str]) -> None:
+    if label_column not in valid:
+        raise ValueError(f"{dataset}: unknown label column {label_column!r}; valid columns are {list(valid)}")
+
+
+def _report(reports: list[ScanReport] | None, report: ScanReport) -> None:
+    if reports is not None:
+        reports.append(report)
+
+
+def melinda_records(
+    root: str | Path,
+    *,
+    label_column: str = "p_meth_label",
+    on_error: OnError = "raise",
+    reports: list[ScanReport] | None = None,
+) -> list[Record]:
+    """MELINDA: ``train.csv``, ``dev.csv``, ``test.csv`` (``figure_file``, ``caption`` and the label columns)
+    with images in ``melinda_images/``.
+
+    Args:
+        label_column: one of ``i_meth``, ``p_meth``, ``i_meth_label``, ``p_meth_label`` (default, 7 classes).
+
+    Raises:
+        ValueError: unknown label column, or a CSV without a required column (both named).
+        FileNotFoundError: a split file is missing.
+    """
+    _check_label_column("melinda", label_column, MELINDA_LABEL_COLUMNS)
+    root = Path(root)
+    files = {"train": "train.csv", "val": "dev.csv", "test": "test.csv"}
+    require_files(root, files.values(), "melinda")
+    records: list[Record] = []
+    for split, name in files.items():
+        file = root / name
+        with file.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in ("figure_file", "caption", label_column) if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{file}: missing column(s) {missing}; the header has {reader.fieldnames}")
+            rows = list(enumerate(reader, start=2))
+
+        def parse(item: tuple[int, dict[str, str]], file: Path = file, split: str = split) -> Record:
+            line, row = item
+            figure = row["figure_file"]
+            record_id = figure or f"line {line}"
+            return {
+                "id": record_id,
+                "image": safe_join(root / "melinda_images", figure, file=file, record=record_id),
+                "text": check_text(row["caption"], file=file, record=record_id, what="caption"),
+                "label_name": check_text(row[label_column], file=file, record=record_id, what=label_column),
+                "split": split,
+            }
+
+        kept, report = scan(rows, parse, name=f"melinda/{split}", on_error=on_error, progress=False)
+        _report(reports, report)
+        records += kept
+    return records
+
+
+def medpix_root(root: str | Path) -> Path:
+    """The MedPix 2.0 folder holding ``splitted_dataset/``: ``root`` itself or its ``MedPix-2-0`` child."""
+    root = Path(root)
+    if not (root / "splitted_dataset").is_dir() and (root / "MedPix-2-0" / "splitted_dataset").is_dir():
+        return root / "MedPix-2-0"
+    return root
+
+
+def medpix_records(
+    root: str | Path,
+    *,
+    label_column: str = "Location Category",
+    on_error: OnError = "raise",
+    reports: list[ScanReport] | None = None,
+) -> list[Record]:
+    """MedPix 2.0: ``splitted_dataset/descriptions_{train,dev,test}.jsonl`` with images
+    ``images/<image>.png``;
+    text = ``Description.Caption``, label = ``Location Category`` (5 classes) or ``Type`` (CT / MR).
+
+    Records also carry ``case`` (``U_id``): splits are by case, and captions repeat within a case.
+
+    Raises:
+        ValueError: unknown label column.
+        FileNotFoundError: a split file is missing.
+    """
+    _check_label_column("medpix", label_column, MEDPIX_LABEL_COLUMNS)
+    root = medpix_root(root)
+    files = {
+        "train": "descriptions_train.jsonl",
+        "val": "descriptions_dev.jsonl",
+        "test": "descriptions_test.jsonl",
+    }
+    require_files(root, [f"splitted_dataset/{name}" for name in files.values()], "medpix")
+    records: list[Record] = []
+    for split, name in files.items():
+        file = root / "splitted_dataset" / name
+        lines = [
+            (number, line)
+            for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)
+            if line.strip()
+        ]
+
+        def parse(item: tuple[int, str], file: Path = file, split: str = split) -> Record:
+            number, line = item
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError("bad_record", file, f"line {number}", f"not valid JSON: {exc}") from exc
+            if not isinstance(entry, dict):
+                raise DataError("bad_record", file, f"line {number}", "expected a JSON object")
+            record_id = entry.get("image")
+            if not isinstance(record_id, str) or not record_id.strip():
+                raise DataError("missing_field", file, f"line {number}", f"bad 'image' field {record_id!r}")
+            description = entry.get("Description")
+            caption = description.get("Caption") if isinstance(description, dict) else None
+            return {
+                "id": record_id,
+                "image": safe_join(root / "images", f"{record_id}.png", file=file, record=record_id),
+                "text": check_text(caption, file=file, record=record_id, what="Description.Caption"),
+                "label_name": check_text(entry.get(label_column), file=file, record=record_id, what=label_column),
+                "case": str(entry.get("U_id", "")),
+                "split": split,
+            }
+
+        kept, report = scan(lines, parse, name=f"medpix/{split}", on_error=on_error, progress=False)
+        _report(reports, report)
+        records += kept
+    return records
+
+
+MEDMNIST_PROMPTS = {"pneumoniamnist": "a chest x-ray", "breastmnist": "a breast ultrasound image"}
+
+
+def medmnist_prompt(path: str | Path) -> str:
+    """The fixed text input for a MedMNIST file, chosen by its name (``a medical image`` when unknown)."""
+    return MEDMNIST_PROMPTS.get(Path(path).stem.lower(), "a medical image")
+
+
+def medmnist_records(path: str | Path, *, prompt: str | None = None) -> list[Record]:
+    """A MedMNIST ``.npz`` file (``{train,val,test}_images`` 28x28 uint8, ``*_labels``), image only.
+
+    Args:
+        path: the ``.npz`` file.
+        prompt: the fixed text paired with every image; ``None`` picks one from the file name
+            (:func:`medmnist_prompt`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a missing array (named), or multi-label labels (not supported).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"medmnist: {path} is not a file; expected a MedMNIST .npz such as pneumoniamnist.npz")
+    text = prompt if prompt is not None else medmnist_prompt(path)
+    records: list[Record] = []
+    with np.load(path) as arrays:
+        for split in ("train", "val", "test"):
+            missing = [key for key in (f"{split}_images", f"{split}_labels") if key not in arrays.files]
+            if missing:
+                raise ValueError(f"{path}: missing array(s) {missing}; the file has {arrays.files}")
+            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            labels = labels.reshape(len(labels), -1)
+            if labels.shape[1] != 1:
+                raise ValueError(f"{path}: {split}_labels has {labels.shape[1]} columns; multi-label is not supported")
+            records += [
+                {
+                    "id": f"{split}/{i}",
+                    "image": images[i],
+                    "text": text,
+                    "label_name": str(int(labels[i, 0])),
+                    "split": split,
+                }
+                for i in range(len(images))
+            ]
+    return records
+
+
+def class_names_from(records: Sequence[Record]) -> list[str]:
+    """Class names = the sorted distinct labels of the training records (numeric labels sorted as numbers).
+
+    Raises:
+        ValueError: there are no training records.
+    """
+    names = {record["label_name"] for record in records if record["split"] == "train"}
+    if not names:
+        raise ValueError("no training records to take the class names from")
+    if all(name.lstrip("-").isdigit() for name in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+class ClassificationDataset(Dataset):
+    """(image, text) -> class samples from records; image files are scanned at construction.
+
+    Args:
+        records: records from a ``*_records`` function.
+        transform: PIL RGB image -> ``(3, H, W)`` tensor.
+        class_names: the label space (class id = position), from the training split.
+        name: name in the scan report.
+        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it.
+        scan: how much of each image file the set-up scan reads.
+
+    Samples: ``{"image": (3, H, W) tensor, "text": str, "label": int, "id": str}``.
+
+    Raises:
+        ValueError: a record's label is not among ``class_names`` (named with its split).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Callable[[Image.Image], torch.Tensor],
+        class_names: Sequence[str],
+        *,
+        name: str = "classification",
+        on_error: OnError = "raise",
+        scan: ScanMode = "full",
+        progress: bool = True,
+    ) -> None:
+        self.class_names = list(class_names)
+        index = {label: i for i, label in enumerate(self.class_names)}
+        unseen = sorted({r["label_name"] for r in records if r["label_name"] not in index})
+        if unseen:
+            splits = sorted({r["split"] for r in records if r["label_name"] in unseen})
+            raise ValueError(
+                f"{name}: label(s) {unseen} in split(s) {splits} were not seen in training; "
+                f"known classes are {self.class_names}"
+            )
+        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
+        self.reports: list[ScanReport] = [report]
+        self.labels = [index[record["label_name"]] for record in self.records]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = record["image"]
+        if isinstance(image, np.ndarray):
+            picture = to_rgb(Image.fromarray(image))
+        else:
+            picture = load_image(image, record=record["id"])
+        return {
+            "image": self.transform(picture),
+            "text": record["text"],
+            "label": self.labels[index],
+            "id": record["id"],
+        }
+
+
+class ClassificationCollator:
+    """Batch classification samples.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        max_length: text length in tokens (longer texts are truncated).
+
+    Returns (from ``__call__``): ``pixel_values (B, 3, H, W)``, ``input_ids (B, L)``, ``attention_mask (B,
+    L)``, ``labels (B,)`` long, ``ids`` (list of str). ``None`` samples are dropped.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        samples = [sample for sample in samples if sample is not None]
+        if not samples:
+            raise ValueError("ClassificationCollator got an empty batch")
+        tokens = self.tokenizer(
+            [sample["text"] for sample in samples],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {
+            "pixel_values": torch.stack([sample["image"] for sample in samples]),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "labels": torch.tensor([sample["label"] for sample in samples], dtype=torch.long),
+            "ids": [sample["id"] for sample in samples],
+        }

@@ -1,0 +1,320 @@
+"""Image-text retrieval data (DATA.md: ROCO, MedPix 2.0), training collate, evaluation splits (UMD_SPEC 4.1).
+
+Records are plain dicts ``{"id": str, "image": Path, "text": str, "split": "train" | "val" | "test"}``.
+Training scores each image against its own caption and ``num_candidates - 1`` other captions; evaluation
+scores every image against every caption of a split (at most ``max_pairs`` pairs, picked by a seeded shuffle).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
+
+from umd_lightning.data.classification import medpix_records
+from umd_lightning.data.common import (
+    DataError,
+    OnError,
+    ScanMode,
+    ScanReport,
+    check_text,
+    load_image,
+    safe_join,
+    scan,
+    scan_images,
+)
+
+RetrievalDatasetName = Literal["roco", "medpix"]
+ROCO_SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
+
+Record = dict[str, Any]
+
+
+def roco_records(
+    root: str | Path,
+    *,
+    min_words: int = 3,
+    on_error: OnError = "raise",
+    reports: list[ScanReport] | None = None,
+) -> list[Record]:
+    """ROCO, radiology subset: ``<root>/{train,validation,test}/radiology/captions.txt`` (``val`` accepted for
+    ``validation``, as M3AE renames it), tab-separated ``ROCO_<id>\\t<caption>``, images
+    ``<split>/radiology/images/ROCO_<id>.jpg``.
+
+    Whitespace in captions is collapsed; captions under ``min_words`` words are dropped (counted in the report
+    as ``short_caption``, never an error).
+
+    Raises:
+        FileNotFoundError: a split's ``captions.txt`` is missing (the accepted paths are named).
+    """
+    root = Path(root)
+    records: list[Record] = []
+    for split, folders in ROCO_SPLIT_FOLDERS.items():
+        candidates = [root / folder / "radiology" / "captions.txt" for folder in folders]
+        file = next((path for path in candidates if path.is_file()), None)
+        if file is None:
+            raise FileNotFoundError(f"roco: no {split} captions file; expected one of {[str(p) for p in candidates]}")
+        lines = [(n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+
+        def parse(item: tuple[int, str], file: Path = file, split: str = split) -> Record:
+            number, line = item
+            image_id, tab, caption = line.partition("\t")
+            image_id = image_id.strip()
+            if not tab or not image_id:
+                raise DataError("bad_line", file, f"line {number}", "expected 'ROCO_<id>\\t<caption>'")
+            return {
+                "id": image_id,
+                "image": safe_join(file.parent / "images", f"{image_id}.jpg", file=file, record=image_id),
+                "text": " ".join(check_text(caption, file=file, record=image_id, what="caption").split()),
+                "split": split,
+            }
+
+        kept, report = scan(lines, parse, name=f"roco/{split}", on_error=on_error, progress=False)
+        # Short captions are a selection rule, not a data error: count them without failing.
+        long_enough = [record for record in kept if len(record["text"].split()) >= min_words]
+        if len(long_enough) < len(kept):
+            report.problems["short_caption"] += len(kept) - len(long_enough)
+            report.kept = len(long_enough)
+        if reports is not None:
+            reports.append(report)
+        records += long_enough
+    return records
+
+
+def medpix_pairs(
+    root: str | Path, *, on_error: OnError = "raise", reports: list[ScanReport] | None = None
+) -> list[Record]:
+    """MedPix 2.0 (image, caption) pairs from its train / dev / test split files (see
+    :func:`~umd_lightning.data.classification.medpix_records`); captions repeat within a case."""
+    return [
+        {"id": r["id"], "image": r["image"], "text": r["text"], "split": r["split"]}
+        for r in medpix_records(root, on_error=on_error, reports=reports)
+    ]
+
+
+def read_retrieval_records(
+    dataset: RetrievalDatasetName,
+    root: str | Path,
+    *,
+    on_error: OnError = "raise",
+    reports: list[ScanReport] | None = None,
+) -> list[Record]:
+    """Read a retrieval data set by name.
+
+    Raises:
+        ValueError: unknown name (the valid ones are listed).
+    """
+    if dataset == "roco":
+        return roco_records(root, on_error=on_error, reports=reports)
+    if dataset == "medpix":
+        return medpix_pairs(root, on_error=on_error, reports=reports)
+    raise ValueError(f"unknown retrieval data set {dataset!r}: choose one of ['roco', 'medpix']")
+
+
+def select_eval_pairs(records: Sequence[Record], max_pairs: int | None, seed: int) -> list[Record]:
+    """At most ``max_pairs`` records picked by a seeded shuffle, returned in their original order."""
+    if max_pairs is None or len(records) <= max_pairs:
+        return list(records)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in sorted(order[:max_pairs])]
+
+
+class ImageTextPairs(Dataset):
+    """(image, text) samples ``{"image": (3, H, W) tensor, "text": str, "id": str}``: retrieval training and
+    every task's TD-Calib pairs. Image files are scanned at construction (each distinct file once).
+
+    Args:
+        records: dicts with ``image`` (path), ``text`` and ``id``.
+        transform: PIL RGB image -> ``(3, H, W)`` tensor.
+        name: name in the scan report.
+        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it.
+        scan: how much of each image the set-up scan reads.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        name: str = "pairs",
+        on_error: OnError = "raise",
+        scan: ScanMode = "full",
+        progress: bool = True,
+    ) -> None:
+        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
+        self.reports: list[ScanReport] = [report]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = load_image(record["image"], record=record["id"])
+        return {"image": self.transform(image), "text": record["text"], "id": record["id"]}
+
+
+class RetrievalImages(Dataset):
+    """The images of an evaluation split: samples ``{"image": (3, H, W) tensor, "image_index": int}``, where
+    ``image_index`` is the row of the image (and of its caption) in the split's score matrix.
+
+    Args:
+        records: the split's scanned records.
+        transform: PIL RGB image -> ``(3, H, W)`` tensor.
+        reports: the scan reports of ``records``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Callable[[Image.Image], torch.Tensor],
+        reports: Sequence[ScanReport] = (),
+    ) -> None:
+        self.records = list(records)
+        self.transform = transform
+        self.reports = list(reports)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        return {
+            "image": self.transform(load_image(record["image"], record=record["id"])),
+            "image_index": index,
+        }
+
+
+def collate_images(samples: Sequence[dict[str, Any] | None]) -> dict[str, torch.Tensor]:
+    """Batch :class:`RetrievalImages` samples: ``pixel_values (B, 3, H, W)``, ``image_index (B,)`` long."""
+    samples = [sample for sample in samples if sample is not None]
+    return {
+        "pixel_values": torch.stack([sample["image"] for sample in samples]),
+        "image_index": torch.tensor([sample["image_index"] for sample in samples], dtype=torch.long),
+    }
+
+
+@dataclass
+class RetrievalEvalSplit:
+    """One evaluation split: score every image against every caption.
+
+    Attributes:
+        images: the split's images (:class:`RetrievalImages`).
+        captions: the caption candidates, one per pair, so caption ``j`` belongs to image ``j``.
+        image_captions: the ground-truth caption text of each image. A retrieval is a hit when the retrieved
+            caption's TEXT equals it (MedPix repeats captions within a case), in both directions.
+        caption_ids: the record id of each caption's pair (for predictions).
+    """
+
+    images: RetrievalImages
+    captions: list[str]
+    image_captions: list[str]
+    caption_ids: list[str]
+
+    def tokenize_captions(self, tokenizer: Any, max_length: int) -> dict[str, torch.Tensor]:
+        """All captions tokenised at once: ``input_ids`` and ``attention_mask``, each ``(T, L)``."""
+        tokens = tokenizer(self.captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+def make_eval_split(
+    records: Sequence[Record],
+    transform: Callable[[Image.Image], torch.Tensor],
+    *,
+    max_pairs: int | None = 2000,
+    seed: int = 0,
+    name: str = "retrieval/eval",
+    on_error: OnError = "raise",
+    scan: ScanMode = "full",
+    progress: bool = True,
+) -> RetrievalEvalSplit:
+    """Pick at most ``max_pairs`` pairs by a seeded shuffle, then scan only their images (a split can hold far
+    more pairs than are evaluated); with ``on_error="skip"`` bad pairs are dropped after the pick."""
+    picked = select_eval_pairs(records, max_pairs, seed)
+    chosen, report = scan_images(picked, name=name, mode=scan, on_error=on_error, progress=progress)
+    captions = [record["text"] for record in chosen]
+    ids = [record["id"] for record in chosen]
+    return RetrievalEvalSplit(RetrievalImages(chosen, transform, [report]), captions, list(captions), ids)
+
+
+class RetrievalTrainCollator:
+    """Batch retrieval training samples with ``num_candidates`` captions per image, the true one first.
+
+    The other captions are drawn from ``captions`` (the training split's) among those whose text differs from
+    the image's own caption, so a repeated caption is never a negative for its own image.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        captions: the pool negatives are drawn from (needs at least ``num_candidates`` distinct texts).
+        max_length: caption length in tokens.
+        num_candidates: captions per image, the true one included (reference: 16).
+        seed: seeds the draws in the main process. In a DataLoader worker the draws are seeded from the
+            worker's torch seed instead (different per worker and per epoch, fixed by the run seed), so
+            workers never repeat each other's negatives.
+
+    Returns (from ``__call__``): ``pixel_values (B, 3, H, W)``, ``input_ids (B, K, L)``,
+    ``attention_mask (B, K, L)`` with ``K = num_candidates``, ``ids`` (list of str).
+
+    Raises:
+        ValueError: fewer than ``num_candidates`` distinct captions in the pool.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        captions: Sequence[str],
+        max_length: int = 40,
+        num_candidates: int = 16,
+        seed: int | None = None,
+    ) -> None:
+        self.pool = sorted(set(captions))
+        if num_candidates < 2 or len(self.pool) < num_candidates:
+            raise ValueError(
+                f"retrieval training needs num_candidates >= 2 and at least that many distinct captions; "
+                f"got num_candidates={num_candidates} and {len(self.pool)} distinct captions"
+            )
+        self.position = {caption: i for i, caption in enumerate(self.pool)}
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.num_candidates = num_candidates
+        self.seed = seed
+        self._rng = random.Random(seed)
+        self._worker_seed: int | None = None
+
+    def _generator(self) -> random.Random:
+        worker = get_worker_info()
+        if worker is not None and worker.seed != self._worker_seed:
+            self._worker_seed = worker.seed
+            self._rng = random.Random(worker.seed)
+        return self._rng
+
+    def negatives(self, caption: str) -> list[str]:
+        """``num_candidates - 1`` distinct captions of the pool, none equal to ``caption``."""
+        rng = self._generator()
+        own = self.position.get(caption)
+        if own is None:
+            return rng.sample(self.pool, self.num_candidates - 1)
+        # Draw from the pool without the own caption: indices at or past it shift by one.
+        picks = rng.sample(range(len(self.pool) - 1), self.num_candidates - 1)
+        return [self.pool[i + 1 if i >= own else i] for i in picks]
+
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        samples = [sample for sample in samples if sample is not None]
+        if not samples:
+            raise ValueError("RetrievalTrainCollator got an empty batch")
+        texts = [text for sample in samples for text in [sample["text"], *self.negatives(sample["text"])]]
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        shape = (len(samples), self.num_candidates, -1)
+        return {
+            "pixel_values": torch.stack([sample["image"] for sample in samples]),
+            "input_ids": tokens["input_ids"].view(shape),
+            "attention_mask": tokens["attention_mask"].view(shape),
+            "ids": [sample["id"] for sample in samples],
+        }
