@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from umd_lightning.models.backbone import UMDBackbone
@@ -47,7 +48,7 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: Schedule):
     """Multiplier of the base lr at each optimiser step: linear warm-up over ``warmup_ratio`` of the steps, then
     linear or cosine decay to 0 at ``total_steps``."""
-    warmup = int(round(total_steps * warmup_ratio))
+    warmup = round(total_steps * warmup_ratio)
 
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
@@ -102,6 +103,8 @@ class UMDStage(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if pretrained is not None and not Path(pretrained).is_file():
+            raise StageError(f"pretrained checkpoint not found: {pretrained} (check `model.init_args.pretrained`)")
         self.backbone_config = self.make_backbone_config(preset, backbone_overrides, text_model, image_size)
         self.backbone = UMDBackbone(self.backbone_config)
 
@@ -161,7 +164,21 @@ class UMDStage(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, hp.warmup_ratio, hp.schedule))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            self.log(f"lr/{group.get('name', 'group')}", group["lr"], on_step=True, on_epoch=False)
+
     # ------------------------------------------------------------------------------------- stage hand-off
+    def setup(self, stage: str) -> None:
+        # Before Lightning restores a `--ckpt_path`, so a resumed run ends with the checkpoint's weights, and only
+        # when fitting, so testing or predicting a saved model never needs the previous stage's file.
+        if stage == "fit" and self.hparams.pretrained and self.trainer.ckpt_path is None:
+            left_out, not_loaded = self.load_pretrained(self.hparams.pretrained)
+            rank_zero_info(
+                f"[{self.stage_name}] loaded {self.hparams.pretrained}: "
+                f"{len(left_out)} checkpoint keys not used, {len(not_loaded)} keys of this stage start fresh"
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["umd_stage"] = self.stage_name
         checkpoint["umd_backbone_config"] = self.backbone_config.to_dict()
@@ -196,8 +213,11 @@ class UMDStage(pl.LightningModule):
         wanted = {k for k in own if k.startswith(prefixes)}
         missing = sorted(wanted - take.keys())
         unexpected = sorted(take.keys() - wanted)
-        mismatched = [f"{k}: {tuple(take[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(wanted & take.keys())
-                      if take[k].shape != own[k].shape]
+        mismatched = [
+            f"{k}: {tuple(take[k].shape)} vs {tuple(own[k].shape)}"
+            for k in sorted(wanted & take.keys())
+            if take[k].shape != own[k].shape
+        ]
         problems = []
         if missing:
             problems.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
@@ -207,8 +227,11 @@ class UMDStage(pl.LightningModule):
             problems.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
         if problems:
             saved = checkpoint.get("umd_backbone_config")
-            hint = " The checkpoint's backbone config differs from this run's preset." if (
-                saved is not None and saved != self.backbone_config.to_dict()) else ""
+            hint = (
+                " The checkpoint's backbone config differs from this run's preset."
+                if (saved is not None and saved != self.backbone_config.to_dict())
+                else ""
+            )
             raise StageError(f"{path} does not fit this {self.stage_name} model: {'; '.join(problems)}.{hint}")
         self.load_state_dict(take, strict=False)
         left_out = sorted(k for k in source if not k.startswith(prefixes))

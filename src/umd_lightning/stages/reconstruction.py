@@ -34,7 +34,9 @@ def fusion_layer(layers: list[Tensor], index: int) -> Tensor:
     if index == -1:
         return layers[-1]
     if not 1 <= index <= len(layers):
-        raise StageError(f"decoder.mim_layer={index} but the fusion has {len(layers)} layers: use -1 or 1..{len(layers)}")
+        raise StageError(
+            f"decoder.mim_layer={index} but the fusion has {len(layers)} layers: use -1 or 1..{len(layers)}"
+        )
     return layers[index - 1]
 
 
@@ -202,7 +204,9 @@ class ReconstructionStage(UMDStage):
         return pixels[source], (~swap).long()
 
     # ------------------------------------------------------------------------------------------ loops
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor | None:
+        if batch is None:  # every sample of the batch was dropped (on_error: skip): no step
+            return None
         terms, metrics = self.reconstruction_losses(batch)
         self.check_finite(terms)
         batch_size = batch["pixel_values"].shape[0]

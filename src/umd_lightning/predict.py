@@ -1,0 +1,146 @@
+"""Predictions: JSON lines from ``umd predict`` and a small Python API for a fine-tuned checkpoint.
+
+``umd predict --config <finetune yaml> --ckpt_path <checkpoint>`` writes one JSON object per sample to
+``predictions.jsonl`` in the run folder (``--predictions.output`` to choose). In Python::
+
+    predictor = Predictor.from_checkpoint("runs/.../best.ckpt")
+    predictor.answer("scan.jpg", "is there a pneumothorax?")   # [("no", 0.91), ("yes", 0.07), ...]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+TOP_ANSWERS = 5
+TOP_CAPTIONS = 10
+
+
+def describe_predictions(
+    task: str, logits: Tensor, batch: dict[str, Any], labels: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """Turn a batch of task outputs into one JSON-ready dict per sample.
+
+    - ``vqa``: ``{"qid", "question", "answer", "top5": [[answer, probability], ...]}`` (sigmoid probabilities, as the
+      head is trained with a per-answer BCE).
+    - ``classification``: ``{"id", "label", "probabilities": {class: p}}`` (softmax).
+    - ``retrieval``: ``{"image_index", "top10": [[caption id, score], ...]}``; ``labels`` are the caption ids.
+    """
+    logits = logits.detach().float().cpu()
+    names = list(labels) if labels is not None else [str(i) for i in range(logits.shape[-1])]
+    rows: list[dict[str, Any]] = []
+    if task == "vqa":
+        probabilities = logits.sigmoid()
+        top = probabilities.topk(min(TOP_ANSWERS, probabilities.shape[-1]), dim=-1)
+        for i in range(logits.shape[0]):
+            pairs = [[names[j], round(float(p), 6)] for p, j in zip(top.values[i], top.indices[i])]
+            rows.append(
+                {
+                    "qid": batch["qids"][i],
+                    "question": batch["questions"][i],
+                    "answer": pairs[0][0],
+                    "top5": pairs,
+                }
+            )
+    elif task == "classification":
+        probabilities = logits.softmax(-1)
+        for i in range(logits.shape[0]):
+            rows.append(
+                {
+                    "id": batch["ids"][i],
+                    "label": names[int(probabilities[i].argmax())],
+                    "probabilities": {name: round(float(p), 6) for name, p in zip(names, probabilities[i])},
+                }
+            )
+    elif task == "retrieval":
+        top = logits.topk(min(TOP_CAPTIONS, logits.shape[-1]), dim=-1)
+        for i in range(logits.shape[0]):
+            rows.append(
+                {
+                    "image_index": int(batch["image_index"][i]),
+                    "top10": [[names[j], round(float(s), 6)] for s, j in zip(top.values[i], top.indices[i])],
+                }
+            )
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return rows
+
+
+class JsonlPredictionWriter(Callback):
+    """Writes what ``predict_step`` returns as JSON lines, one file per process (rank suffix under DDP).
+
+    Args:
+        output: the file to write; default ``predictions.jsonl`` in the trainer's log folder.
+    """
+
+    def __init__(self, output: str | None = None) -> None:
+        self.output = output
+        self._handle = None
+        self.path: Path | None = None
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.jsonl"
+        if trainer.world_size > 1:
+            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._handle = path.open("w", encoding="utf-8")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        for row in outputs or []:
+            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+            print(f"predictions written to {self.path}")
+
+
+class Predictor:
+    """Answers questions (VQA) or classifies image-text pairs with a fine-tuned model, one call per image.
+
+    Build it with :meth:`from_checkpoint`; the checkpoint carries the preset, tokenizer, image size and labels.
+    """
+
+    def __init__(self, model: LightningModule) -> None:
+        from umd_lightning.data.transforms import image_transform
+        from umd_lightning.models.text import load_tokenizer
+
+        self.model = model.eval()
+        hp = model.hparams
+        if hp.task == "retrieval":
+            raise ValueError("Predictor answers VQA and classification models; use `umd predict` for retrieval")
+        self.tokenizer = load_tokenizer(model.backbone_config.text.name_or_path)
+        self.transform = image_transform(model.backbone_config.image_size, train=False)
+        self.max_length = 32 if hp.task == "vqa" else 128
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> Predictor:
+        from umd_lightning.stages.finetune import FineTune
+
+        model = FineTune.load_from_checkpoint(str(path), map_location=map_location, pretrained=None, weights_only=True)
+        return cls(model)
+
+    @torch.no_grad()
+    def predict(self, image: str | Path, text: str, top_k: int = TOP_ANSWERS) -> list[tuple[str, float]]:
+        """The ``top_k`` answers (or classes) with their probabilities for one image file and a question/caption."""
+        from umd_lightning.data.common import load_image
+
+        pixels = self.transform(load_image(image)).unsqueeze(0).to(self.model.device)
+        tokens = self.tokenizer([text], truncation=True, max_length=self.max_length, return_tensors="pt")
+        logits = self.model(
+            pixels, tokens["input_ids"].to(self.model.device), tokens["attention_mask"].to(self.model.device)
+        )[0].float()
+        probabilities = logits.sigmoid() if self.model.hparams.task == "vqa" else logits.softmax(-1)
+        labels = self.model.hparams.labels or [str(i) for i in range(logits.shape[-1])]
+        top = probabilities.topk(min(top_k, probabilities.shape[-1]))
+        return [(labels[j], float(p)) for p, j in zip(top.values, top.indices)]
+
+    answer = predict
