@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from umd_lightning.models import (
     resolve_text_model,
     sincos_pos_embed_2d,
 )
+from umd_lightning.weights import UntrustedPickleError
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_local_checkpoint_loads_at_another_image_size(tiny: BackboneConfig, tmp_
 def test_checkpoint_needing_pickle_is_refused(tiny: BackboneConfig, tmp_path: Path) -> None:
     path = tmp_path / "unsafe.pth"
     torch.save({"model": VisionTower(tiny.vision, 32).vit.state_dict(), "extra": NotATensor()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UntrustedPickleError, match="UMD_TRUST_PICKLE=1"):
         VisionTower(dataclasses.replace(tiny.vision, pretrained_path=str(path)), image_size=32)
 
 

@@ -5,6 +5,7 @@
 
     predictor = Predictor.from_checkpoint("runs/.../best.ckpt")
     predictor.answer("scan.jpg", "is there a pneumothorax?")   # [("no", 0.91), ("yes", 0.07), ...]
+    predictor = Predictor.from_export("exported/")   # a `python -m umd_lightning.export` folder: no pickle
 """
 
 from __future__ import annotations
@@ -106,11 +107,17 @@ class JsonlPredictionWriter(Callback):
 class Predictor:
     """Answers questions (VQA) or classifies image-text pairs with a fine-tuned model, one call per image.
 
-    Build it with :meth:`from_checkpoint`; the checkpoint carries the preset, tokenizer, image size and labels.
+    Build it with :meth:`from_checkpoint` or :meth:`from_export`; both carry the preset, tokenizer, image size and
+    labels.
+
+    Args:
+        model: a fine-tuned ``FineTune`` module (VQA or classification).
+        max_length: tokens kept per question or caption; ``None``: 32 for VQA, else 128.
     """
 
-    def __init__(self, model: LightningModule) -> None:
+    def __init__(self, model: LightningModule, max_length: int | None = None) -> None:
         from umd_lightning.data.transforms import image_transform
+        from umd_lightning.export import default_max_length
         from umd_lightning.models.text import load_tokenizer
 
         self.model = model.eval()
@@ -119,14 +126,51 @@ class Predictor:
             raise ValueError("Predictor answers VQA and classification models; use `umd predict` for retrieval")
         self.tokenizer = load_tokenizer(model.backbone_config.text.name_or_path)
         self.transform = image_transform(model.backbone_config.image_size, train=False)
-        self.max_length = 32 if hp.task == "vqa" else 128
+        self.max_length = max_length if max_length is not None else default_max_length(hp.task)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> Predictor:
+        """Load a fine-tuning checkpoint with ``torch.load(weights_only=True)``."""
         from umd_lightning.stages.finetune import FineTune
 
         model = FineTune.load_from_checkpoint(str(path), map_location=map_location, pretrained=None, weights_only=True)
         return cls(model)
+
+    @classmethod
+    def from_export(cls, out_dir: str | Path, map_location: str = "cpu") -> Predictor:
+        """Load a folder written by :func:`umd_lightning.export.export_model` (safetensors and JSON only).
+
+        Raises:
+            ValueError: the export is not of a fine-tuned model.
+        """
+        from safetensors.torch import load_file
+
+        from umd_lightning.export import TEXT_FOLDER, WEIGHTS_FILE, read_export_config
+        from umd_lightning.stages.finetune import FineTune
+
+        folder = Path(out_dir)
+        config = read_export_config(folder)
+        if config["stage"] != "finetune":
+            raise ValueError(f"{folder} holds a {config['stage']} model; Predictor needs a fine-tuned one")
+        backbone = config["backbone"]
+        backbone["text"]["name_or_path"] = str(folder / TEXT_FOLDER)
+        # Every field of the saved backbone config overrides the preset's, so the architecture is the saved one.
+        overrides = {
+            f"{section}.{key}": value
+            for section in ("vision", "text", "fusion", "decoder")
+            for key, value in backbone[section].items()
+        }
+        overrides["image_size"] = backbone["image_size"]
+        model = FineTune(
+            preset=config.get("preset") or "tiny",
+            backbone_overrides=overrides,
+            task=config["task"],
+            num_outputs=config["num_outputs"],
+            labels=config["labels"],
+            leak_notes=config.get("leak_notes"),
+        )
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)), strict=True)
+        return cls(model.to(map_location), max_length=config["max_text_length"])
 
     @torch.no_grad()
     def predict(self, image: str | Path, text: str, top_k: int = TOP_ANSWERS) -> list[tuple[str, float]]:

@@ -157,6 +157,16 @@ class PretrainCollator:
             self._generator_owner = owner
         return self._generator
 
+    def state_dict(self) -> dict[str, Any]:
+        """This process's masking generator state (``None`` before the first batch), so a training loader that
+        collates in the main process can save it in a checkpoint and a resumed run draws the same masks."""
+        return {"generator": None if self._generator is None else self._generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the masking stream saved by :meth:`state_dict` in this process."""
+        if state_dict.get("generator") is not None:
+            self._process_generator().set_state(state_dict["generator"])
+
     def _batch_generator(self, ids: Sequence[str], texts: Sequence[str]) -> torch.Generator:
         digest = zlib.crc32("\x1f".join([*ids, *texts]).encode("utf-8"))
         return torch.Generator().manual_seed(((self.seed or 0) << 32) + digest)

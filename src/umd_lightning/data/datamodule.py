@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from umd_lightning.data.collate import PretrainCollator
 from umd_lightning.data.common import OnError, ScanMode
 from umd_lightning.data.pretrain import PretrainConcatDataset, SourceSpec, build_pretrain_datasets
+from umd_lightning.data.sampler import make_loader
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.models.config import resolve_text_model
 
@@ -119,10 +120,11 @@ class PretrainDataModule(LightningDataModule):
     def _loader(self, dataset: PretrainConcatDataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"the {split} split is not built: call setup() with the matching stage first")
-        return DataLoader(
+        return make_loader(
             dataset,
+            train=train,
+            seed=self.seed,
             batch_size=self.batch_size,
-            shuffle=train,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -41,6 +41,7 @@ from umd_lightning.data.retrieval import (
     make_eval_split,
     read_retrieval_records,
 )
+from umd_lightning.data.sampler import make_loader
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.data.vqa import VQACollator, VQADataset, holdout_by_image, read_vqa_records
 from umd_lightning.models.config import resolve_text_model
@@ -190,10 +191,11 @@ class DownstreamDataModule(LightningDataModule):
             if split not in self.datasets:
                 raise RuntimeError(f"the {split} split is not built: call setup() with the matching stage first")
             dataset = self.datasets[split]
-        return DataLoader(
+        return make_loader(
             dataset,
+            train=split == "train",
+            seed=self.seed,
             batch_size=self.batch_size,
-            shuffle=split == "train",
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

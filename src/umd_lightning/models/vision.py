@@ -7,12 +7,12 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
 from umd_lightning.models.config import VisionConfig
+from umd_lightning.weights import read_weights
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
@@ -24,16 +24,11 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        pickle.UnpicklingError: the file needs more than tensors and plain containers to unpickle.
+        UntrustedPickleError: the file needs more than tensors and plain containers to unpickle (the message says
+            how to allow it for a trusted file).
         ValueError: the file holds no state dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"vision checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        state: Any = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    state: Any = read_weights(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -1,0 +1,149 @@
+"""Safe loading and export: pickled objects are refused unless allowed explicitly, and a fine-tuned checkpoint
+exported to safetensors + JSON predicts exactly like the checkpoint itself."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from umd_lightning.checkpointing import TRUST_PICKLE_ENV, UntrustedPickleError, read_weights
+from umd_lightning.data import VQADataModule
+from umd_lightning.export import export_model, read_export_config
+from umd_lightning.predict import Predictor
+from umd_lightning.stages import FineTune, StageError
+from umd_lightning.stages.base import load_checkpoint_file
+
+REPO = Path(__file__).resolve().parents[1]
+VQA_RAD = REPO / "tests" / "data" / "vqa_rad"
+
+
+class Opaque:
+    """A custom class: only full unpickling can restore it."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+@pytest.fixture()
+def pickled_file(tmp_path: Path) -> Path:
+    path = tmp_path / "custom.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "extra": Opaque(3)}, path)
+    return path
+
+
+def test_pickled_objects_are_refused_with_the_way_to_allow_them(
+    pickled_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(TRUST_PICKLE_ENV, raising=False)
+    with pytest.raises(UntrustedPickleError, match=f"{TRUST_PICKLE_ENV}=1") as caught:
+        read_weights(pickled_file)
+    assert isinstance(caught.value.__cause__, pickle.UnpicklingError)
+    with pytest.raises(StageError, match="trust_pickle=True"):
+        load_checkpoint_file(pickled_file)
+    with pytest.raises(UntrustedPickleError):
+        read_weights(pickled_file, trust_pickle=False)
+
+
+def test_pickle_opt_in_by_argument_or_environment(pickled_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRUST_PICKLE_ENV, raising=False)
+    assert read_weights(pickled_file, trust_pickle=True)["extra"].value == 3
+    monkeypatch.setenv(TRUST_PICKLE_ENV, "1")
+    assert read_weights(pickled_file)["extra"].value == 3
+    assert load_checkpoint_file(pickled_file)["extra"].value == 3
+    # An explicit False wins over the environment.
+    with pytest.raises(UntrustedPickleError):
+        read_weights(pickled_file, trust_pickle=False)
+
+
+def test_plain_tensor_files_need_no_opt_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRUST_PICKLE_ENV, raising=False)
+    torch.save({"state_dict": {"w": torch.arange(3.0)}, "step": 4}, tmp_path / "plain.ckpt")
+    assert torch.equal(read_weights(tmp_path / "plain.ckpt")["state_dict"]["w"], torch.arange(3.0))
+
+
+@pytest.fixture(scope="module")
+def finetuned_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A VQA model fine-tuned for 3 steps on the fixture, saved by Lightning."""
+    folder = tmp_path_factory.mktemp("finetuned")
+    pl.seed_everything(0)
+    data = VQADataModule(dataset="vqa_rad", root=str(VQA_RAD), image_size=32, batch_size=8, num_workers=0, scan="none")
+    model = FineTune(preset="tiny", lr=1e-2)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=data)
+    path = folder / "finetuned.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_export_predicts_like_the_checkpoint(finetuned_checkpoint: Path, tmp_path: Path) -> None:
+    out = export_model(finetuned_checkpoint, tmp_path / "export")
+    config = read_export_config(out)
+    assert config["stage"] == "finetune" and config["task"] == "vqa"
+    assert config["image_size"] == 32 and config["text_model"] == "minilm" and config["max_text_length"] == 32
+    assert len(config["labels"]) == config["num_outputs"] > 1
+    assert json.loads((out / "config.json").read_text())["backbone"]["text"]["name_or_path"] == "text"
+
+    checkpoint = torch.load(finetuned_checkpoint, map_location="cpu", weights_only=True)
+    tensors = load_file(str(out / "model.safetensors"))
+    assert tensors.keys() == checkpoint["state_dict"].keys()
+    for name, value in checkpoint["state_dict"].items():
+        assert torch.equal(tensors[name], value), name
+
+    from_ckpt, from_export = Predictor.from_checkpoint(finetuned_checkpoint), Predictor.from_export(out)
+    assert from_export.max_length == from_ckpt.max_length == 32
+    images = sorted((VQA_RAD / "VQA_RAD Image Folder").iterdir())[:3]
+    questions = ["is there a lesion?", "where is the bright shape located in the image?", "how many shapes?"]
+    for image, question in zip(images, questions):
+        expected, got = from_ckpt.answer(image, question), from_export.answer(image, question)
+        assert [label for label, _ in got] == [label for label, _ in expected]
+        assert [p for _, p in got] == pytest.approx([p for _, p in expected], abs=1e-6)
+
+
+def test_export_loads_with_no_unpickling(
+    finetuned_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = export_model(finetuned_checkpoint, tmp_path / "export")
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("the export must load without torch.load / pickle")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    monkeypatch.setattr(pickle, "load", no_pickle)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    predictor = Predictor.from_export(out)
+    assert predictor.answer(sorted((VQA_RAD / "VQA_RAD Image Folder").iterdir())[0], "is there a lesion?")
+
+
+def test_export_command_line(finetuned_checkpoint: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "umd_lightning.export", str(finetuned_checkpoint), str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "cli" / "model.safetensors").is_file() and (tmp_path / "cli" / "text").is_dir()
+    missing = subprocess.run(
+        [sys.executable, "-m", "umd_lightning.export", str(tmp_path / "nope.ckpt"), str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "not found" in missing.stderr
