@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,8 @@ DEFAULT_LABEL_COLUMN = {"melinda": "p_meth_label", "medpix": "Location Category"
 
 Record = dict[str, Any]
 
+log = logging.getLogger(__name__)
+
 
 def _check_label_column(dataset: str, label_column: str, valid: Sequence[str]) -> None:
     if label_column not in valid:
@@ -64,7 +67,8 @@ def melinda_records(
         label_column: one of ``i_meth``, ``p_meth``, ``i_meth_label``, ``p_meth_label`` (default, 7 classes).
 
     Raises:
-        ValueError: unknown label column, or a CSV without a required column (both named).
+        ValueError: unknown label column (named).
+        DataError: a CSV without a required column (named; kind ``missing_column``), whatever ``on_error``.
         FileNotFoundError: a split file is missing.
     """
     _check_label_column("melinda", label_column, MELINDA_LABEL_COLUMNS)
@@ -78,7 +82,9 @@ def melinda_records(
             reader = csv.DictReader(handle)
             missing = [c for c in ("figure_file", "caption", label_column) if c not in (reader.fieldnames or [])]
             if missing:
-                raise ValueError(f"{file}: missing column(s) {missing}; the header has {reader.fieldnames}")
+                raise DataError(
+                    "missing_column", file, None, f"missing column(s) {missing}; the header has {reader.fieldnames}"
+                )
             rows = list(enumerate(reader, start=2))
 
         def parse(item: tuple[int, dict[str, str]], file: Path = file, split: str = split) -> Record:
@@ -238,7 +244,9 @@ class ClassificationDataset(Dataset):
         transform: PIL RGB image -> ``(3, H, W)`` tensor.
         class_names: the label space (class id = position), from the training split.
         name: name in the scan report.
-        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it.
+        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it; an image that stops
+            decoding after the scan raises ``DataError`` from ``__getitem__`` (``raise``) or gives a ``None``
+            sample that the collate drops (``skip``).
         scan: how much of each image file the set-up scan reads.
 
     Samples: ``{"image": (3, H, W) tensor, "text": str, "label": int, "id": str}``.
@@ -271,17 +279,24 @@ class ClassificationDataset(Dataset):
         self.reports: list[ScanReport] = [report]
         self.labels = [index[record["label_name"]] for record in self.records]
         self.transform = transform
+        self.on_error: OnError = on_error
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
         image = record["image"]
         if isinstance(image, np.ndarray):
             picture = to_rgb(Image.fromarray(image))
         else:
-            picture = load_image(image, record=record["id"])
+            try:
+                picture = load_image(image, record=record["id"])
+            except DataError as error:
+                if self.on_error == "raise":
+                    raise
+                log.warning("skipping a sample whose image stopped decoding after the scan: %s", error)
+                return None
         return {
             "image": self.transform(picture),
             "text": record["text"],
@@ -298,17 +313,20 @@ class ClassificationCollator:
         max_length: text length in tokens (longer texts are truncated).
 
     Returns (from ``__call__``): ``pixel_values (B, 3, H, W)``, ``input_ids (B, L)``, ``attention_mask (B,
-    L)``, ``labels (B,)`` long, ``ids`` (list of str). ``None`` samples are dropped.
+    L)``, ``labels (B,)`` long, ``ids`` (list of str). ``None`` samples are dropped; a batch of nothing but
+    ``None`` samples gives ``None`` (the training step skips it).
     """
 
     def __init__(self, tokenizer: Any, max_length: int = 128) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
 
-    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        samples = [sample for sample in samples if sample is not None]
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
         if not samples:
             raise ValueError("ClassificationCollator got an empty batch")
+        samples = [sample for sample in samples if sample is not None]
+        if not samples:
+            return None
         tokens = self.tokenizer(
             [sample["text"] for sample in samples],
             padding=True,

@@ -8,6 +8,7 @@ text is a data error; ``on_error="raise"`` (default) fails at set-up naming file
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -38,13 +39,26 @@ class DataError(ValueError):
         reason: what is wrong, in words.
     """
 
-    def __init__(self, kind: str, file: str | Path, record: str | int | None, reason: str) -> None:
+    def __init__(
+        self, kind: str, file: str | Path | None = None, record: str | int | None = None, reason: str | None = None
+    ) -> None:
+        if file is None and reason is None:
+            # One argument: a whole message. A DataLoader worker's exception is re-raised in the main process as
+            # ``type(error)(traceback text)``; this keeps it a DataError (kind read from the trailing "[kind]").
+            found = re.search(r"\[(\w+)\]\s*$", kind)
+            self.kind, self.file, self.record, self.reason = found[1] if found else "data_error", "", None, kind
+            super().__init__(kind)
+            return
         self.kind = kind
         self.file = str(file)
         self.record = record
-        self.reason = reason
+        self.reason = str(reason)
         where = f"{self.file}" + (f", record {record}" if record is not None else "")
         super().__init__(f"{where}: {reason} [{kind}]")
+
+    def __reduce__(self) -> tuple[type[DataError], tuple[str, str, str | int | None, str]]:
+        # Pickled with its fields (processes, DataLoader workers), not with the formatted message.
+        return type(self), (self.kind, self.file, self.record, self.reason)
 
 
 def safe_join(root: str | Path, relative: Any, *, file: str | Path, record: str | int | None) -> Path:
@@ -116,7 +130,8 @@ def check_image_header(path: str | Path, *, file: str | Path | None = None, reco
     """Open an image without decoding its pixels (cheap scan).
 
     Raises:
-        DataError: missing, empty or unidentifiable file.
+        DataError: missing, empty or unidentifiable file, or a header that declares more pixels than PIL's
+            decompression-bomb limit.
     """
     path = Path(path)
     where = file if file is not None else path
@@ -125,8 +140,12 @@ def check_image_header(path: str | Path, *, file: str | Path | None = None, reco
     if path.stat().st_size == 0:
         raise DataError("bad_image", where, record, f"image file is empty (0 bytes): {path}")
     try:
-        with Image.open(path) as image:
-            image.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.verify()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError("image_too_large", where, record, f"{path}: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError("bad_image", where, record, f"cannot read {path}: {exc}") from exc
 
@@ -152,11 +171,13 @@ class ScanReport:
         kept: records that passed.
         problems: count of skipped records by kind.
         examples: the first few ``DataError`` messages of each kind.
+        images: distinct image files opened by ``scan_images`` (0 when it did not check images).
     """
 
     name: str
     read: int = 0
     kept: int = 0
+    images: int = 0
     problems: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 3
@@ -256,4 +277,6 @@ def scan_images(
             raise DataError(error.kind, error.file, record[id_key], error.reason)
         return record
 
-    return scan(records, check, name=name, on_error=on_error, progress=progress)
+    kept, report = scan(records, check, name=name, on_error=on_error, progress=progress)
+    report.images = len(verdicts)
+    return kept, report

@@ -7,6 +7,7 @@ scores every image against every caption of a split (at most ``max_pairs`` pairs
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ RetrievalDatasetName = Literal["roco", "medpix"]
 ROCO_SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
 
 Record = dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 
 def roco_records(
@@ -134,7 +137,9 @@ class ImageTextPairs(Dataset):
         records: dicts with ``image`` (path), ``text`` and ``id``.
         transform: PIL RGB image -> ``(3, H, W)`` tensor.
         name: name in the scan report.
-        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it.
+        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it; an image that stops
+            decoding after the scan raises ``DataError`` from ``__getitem__`` (``raise``) or gives a ``None``
+            sample that the collate drops (``skip``).
         scan: how much of each image the set-up scan reads.
     """
 
@@ -151,13 +156,20 @@ class ImageTextPairs(Dataset):
         self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
         self.reports: list[ScanReport] = [report]
         self.transform = transform
+        self.on_error: OnError = on_error
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        image = load_image(record["image"], record=record["id"])
+        try:
+            image = load_image(record["image"], record=record["id"])
+        except DataError as error:
+            if self.on_error == "raise":
+                raise
+            log.warning("skipping a pair whose image stopped decoding after the scan: %s", error)
+            return None
         return {"image": self.transform(image), "text": record["text"], "id": record["id"]}
 
 
@@ -260,7 +272,8 @@ class RetrievalTrainCollator:
             workers never repeat each other's negatives.
 
     Returns (from ``__call__``): ``pixel_values (B, 3, H, W)``, ``input_ids (B, K, L)``,
-    ``attention_mask (B, K, L)`` with ``K = num_candidates``, ``ids`` (list of str).
+    ``attention_mask (B, K, L)`` with ``K = num_candidates``, ``ids`` (list of str). ``None`` samples are
+    dropped; a batch of nothing but ``None`` samples gives ``None`` (the training step skips it).
 
     Raises:
         ValueError: fewer than ``num_candidates`` distinct captions in the pool.
@@ -305,10 +318,12 @@ class RetrievalTrainCollator:
         picks = rng.sample(range(len(self.pool) - 1), self.num_candidates - 1)
         return [self.pool[i + 1 if i >= own else i] for i in picks]
 
-    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        samples = [sample for sample in samples if sample is not None]
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
         if not samples:
             raise ValueError("RetrievalTrainCollator got an empty batch")
+        samples = [sample for sample in samples if sample is not None]
+        if not samples:
+            return None
         texts = [text for sample in samples for text in [sample["text"], *self.negatives(sample["text"])]]
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         shape = (len(samples), self.num_candidates, -1)

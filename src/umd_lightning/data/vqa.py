@@ -13,6 +13,7 @@ A bad annotation record (empty question, unsafe image path, ...) raises ``DataEr
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ VQA_MED_CATEGORIES = ("modality", "plane", "organ", "abnormality")
 DEFAULT_VQA_MED_CATEGORIES = ("modality", "plane", "organ")
 
 Record = dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 
 def read_json_list(path: Path) -> list[Any]:
@@ -425,7 +428,9 @@ class VQADataset(Dataset):
         transform: PIL RGB image -> ``(3, H, W)`` tensor.
         answer_vocab: the label space; an answer outside it gets ``answer_index = -1`` (counted as wrong).
         name: name in the scan report.
-        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts its questions.
+        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts its questions; an image
+            that stops decoding after the scan raises ``DataError`` from ``__getitem__`` (``raise``) or gives a
+            ``None`` sample that the collate drops (``skip``).
         scan: how much of each image the set-up scan reads (each distinct image once).
 
     Samples: ``{"image": (3, H, W) tensor, "question": str, "answer": str, "answer_index": int,
@@ -449,6 +454,7 @@ class VQADataset(Dataset):
         self.reports: list[ScanReport] = [report]
         self.transform = transform
         self.answer_vocab = answer_vocab
+        self.on_error: OnError = on_error
 
     def __len__(self) -> int:
         return len(self.records)
@@ -458,11 +464,18 @@ class VQADataset(Dataset):
         """Questions whose answer is not in the vocabulary (always scored wrong)."""
         return sum(self.answer_vocab.index(record["answer"]) is None for record in self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
+        try:
+            image = load_image(record["image"], record=record["qid"])
+        except DataError as error:
+            if self.on_error == "raise":
+                raise
+            log.warning("skipping a question whose image stopped decoding after the scan: %s", error)
+            return None
         answer_index = self.answer_vocab.index(record["answer"])
         return {
-            "image": self.transform(load_image(record["image"], record=record["qid"])),
+            "image": self.transform(image),
             "question": record["question"],
             "answer": record["answer"],
             "answer_index": -1 if answer_index is None else answer_index,
@@ -483,7 +496,8 @@ class VQACollator:
     Returns (from ``__call__``): ``pixel_values (B, 3, H, W)``, ``input_ids (B, L)``, ``attention_mask (B,
     L)``, ``targets (B, A)`` float one-hot (an all-zero row for an answer outside the vocabulary),
     ``answer_index (B,)`` long (-1 outside), ``is_closed (B,)`` bool, ``qids``, ``questions``, ``answers``
-    (lists of str). ``None`` samples are dropped.
+    (lists of str). ``None`` samples are dropped; a batch of nothing but ``None`` samples gives ``None`` (the
+    training step skips it).
     """
 
     def __init__(self, tokenizer: Any, max_length: int = 32, *, num_answers: int) -> None:
@@ -493,10 +507,12 @@ class VQACollator:
         self.max_length = max_length
         self.num_answers = num_answers
 
-    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        samples = [sample for sample in samples if sample is not None]
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
         if not samples:
             raise ValueError("VQACollator got an empty batch")
+        samples = [sample for sample in samples if sample is not None]
+        if not samples:
+            return None
         questions = [sample["question"] for sample in samples]
         tokens = self.tokenizer(
             questions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
