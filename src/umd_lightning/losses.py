@@ -33,12 +33,12 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """L_MLM: cross-entropy over the masked token positions (labels != -100).
 
     Args:
-        logits: (B, L, V).
-        labels: (B, L), the original token id at masked positions and -100 elsewhere.
+        logits: (..., V), e.g. (B, L, V), or (M, V) for the masked positions only.
+        labels: (...), the original token id at masked positions and -100 elsewhere.
     """
     if not (labels != IGNORE_INDEX).any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def mlm_accuracy(logits: Tensor, labels: Tensor) -> Tensor:

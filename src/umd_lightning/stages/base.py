@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from umd_lightning.models.backbone import UMDBackbone
 from umd_lightning.models.config import BackboneConfig, preset
+from umd_lightning.weights import UntrustedPickleError, read_weights
 
 Schedule = Literal["linear", "cosine"]
 
@@ -27,22 +28,24 @@ class NonFiniteLossError(StageError):
     """A loss term turned NaN or infinite; the message names the step and the term."""
 
 
-def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+def load_checkpoint_file(path: str | Path, trust_pickle: bool | None = None) -> dict[str, Any]:
     """Read a Lightning checkpoint without unpickling arbitrary objects (``torch.load(weights_only=True)``).
 
+    Args:
+        path: the checkpoint.
+        trust_pickle: allow full unpickling of a trusted file that ``weights_only`` refuses; ``None`` reads the
+            ``UMD_TRUST_PICKLE`` environment variable (see :func:`umd_lightning.weights.read_weights`).
+
     Raises:
-        StageError: the file is missing, or it holds objects that need full unpickling.
+        StageError: the file is missing, or it holds objects that need full unpickling and that was not allowed.
     """
     path = Path(path)
     if not path.is_file():
         raise StageError(f"pretrained checkpoint not found: {path} (check the `pretrained:` path)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError and others for disallowed globals
-        raise StageError(
-            f"{path} cannot be read with torch.load(weights_only=True): {str(exc).splitlines()[0]}. Only load "
-            "files you trust; to allow one, load it yourself with weights_only=False and re-save its state_dict."
-        ) from exc
+        return read_weights(path, trust_pickle)
+    except UntrustedPickleError as exc:
+        raise StageError(str(exc)) from exc
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: Schedule):
@@ -107,6 +110,7 @@ class UMDStage(pl.LightningModule):
             raise StageError(f"pretrained checkpoint not found: {pretrained} (check `model.init_args.pretrained`)")
         self.backbone_config = self.make_backbone_config(preset, backbone_overrides, text_model, image_size)
         self.backbone = UMDBackbone(self.backbone_config)
+        self._pretrained_loaded = False
 
     @staticmethod
     def make_backbone_config(
@@ -169,10 +173,13 @@ class UMDStage(pl.LightningModule):
             self.log(f"lr/{group.get('name', 'group')}", group["lr"], on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------------------------- stage hand-off
-    def setup(self, stage: str) -> None:
-        # Before Lightning restores a `--ckpt_path`, so a resumed run ends with the checkpoint's weights, and only
+    def configure_model(self) -> None:
+        # Runs before Lightning restores a `--ckpt_path`, so a resumed run ends with the checkpoint's weights; only
         # when fitting, so testing or predicting a saved model never needs the previous stage's file.
-        if stage == "fit" and self.hparams.pretrained and self.trainer.ckpt_path is None:
+        if self._trainer is None or self._pretrained_loaded or self.trainer.state.fn != "fit":
+            return
+        self._pretrained_loaded = True
+        if self.hparams.pretrained and self.trainer.ckpt_path is None:
             left_out, not_loaded = self.load_pretrained(self.hparams.pretrained)
             rank_zero_info(
                 f"[{self.stage_name}] loaded {self.hparams.pretrained}: "

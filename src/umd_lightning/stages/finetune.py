@@ -1,7 +1,7 @@
 """Fine-tuning for VQA, image-text classification and retrieval (UMD_SPEC 4.1), ready for the GM-Coord callback.
 
-The task, the number of outputs and their names (answers or classes) come from the DataModule through the CLI's
-argument links, and are saved in the checkpoint so a fine-tuned model loads and predicts on its own.
+The task, the number of outputs and their names (answers or classes) come from the DataModule when the model is
+set up, and are saved in the checkpoint's hyper-parameters so a fine-tuned model loads and predicts on its own.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ class FineTune(UMDStage):
       from the pre-trained ITM head's positive row; evaluation: R@1/5/10 both ways over the full score matrix.
 
     Args:
-        task: ``vqa``, ``classification`` or ``retrieval`` (linked from the data).
-        num_outputs: answers or classes (linked from the data; unused for retrieval).
-        labels: answer or class names, in output order (linked from the data; saved for prediction).
-        leak_notes: what makes this run's evaluation leaky (linked from the data; printed with results).
+        task: ``vqa``, ``classification`` or ``retrieval``; ``None`` takes it from the DataModule.
+        num_outputs: answers or classes (``None``: from the DataModule; unused for retrieval).
+        labels: answer or class names, in output order (``None``: from the DataModule; saved for prediction).
+        leak_notes: what makes this run's evaluation leaky (filled from the DataModule; printed with results).
         text_chunk: captions fused per forward pass when scoring retrieval (memory vs speed).
         lr: base learning rate (reference 5e-6).
         lr_mult: multiplier for the fusion layers, projections, poolers (reference 5).
@@ -50,7 +50,7 @@ class FineTune(UMDStage):
 
     def __init__(
         self,
-        task: Task = "vqa",
+        task: Task | None = None,
         num_outputs: int | None = None,
         labels: list[str] | None = None,
         leak_notes: list[str] | None = None,
@@ -62,25 +62,61 @@ class FineTune(UMDStage):
         **kwargs: Any,
     ) -> None:
         super().__init__(lr=lr, lr_mult=lr_mult, head_lr_mult=head_lr_mult, schedule=schedule, **kwargs)
+        self.head: nn.Module | None = None
+        self.gm_coord_inputs: GMCoordInputs | None = None
+        self._eval_scores: list[tuple[Tensor, Tensor]] = []
+        self._eval_text: tuple[Tensor, Tensor] | None = None
+        if task is not None and (task == "retrieval" or num_outputs):
+            self._build_task(task, num_outputs, labels)
+
+    def _build_task(self, task: str, num_outputs: int | None, labels: list[str] | None) -> None:
         if task not in ("vqa", "classification", "retrieval"):
             raise StageError(f"task must be 'vqa', 'classification' or 'retrieval', got {task!r}")
         joint = 2 * self.backbone.width
         if task == "retrieval":
-            self.head: nn.Module = RetrievalHead(joint)
+            self.head = RetrievalHead(joint)
         else:
             if not num_outputs:
-                raise StageError(f"task {task!r} needs num_outputs (linked from the data module's answers/classes)")
+                raise StageError(f"task {task!r} needs num_outputs (the data module's answers or classes)")
             if labels is not None and len(labels) != num_outputs:
                 raise StageError(f"{len(labels)} labels given for num_outputs={num_outputs}")
             self.head = ClassifierHead(joint, num_outputs)
-        self.gm_coord_inputs: GMCoordInputs | None = None
         if task == "vqa":
             self.val_metric, self.test_metric = VQAAccuracy(), VQAAccuracy()
         elif task == "classification":
             self.val_metric = classification_metrics(num_outputs, prefix="val/")
             self.test_metric = classification_metrics(num_outputs, prefix="test/")
-        self._eval_scores: list[tuple[Tensor, Tensor]] = []
-        self._eval_text: tuple[Tensor, Tensor] | None = None
+
+    def configure_model(self) -> None:
+        """Build the task head from the DataModule when the task was not given (the CLI's case): the task, the
+        outputs and their names are read from it and saved in the hyper-parameters, so checkpoints load alone."""
+        if self._trainer is None:  # `load_from_checkpoint` calls this hook too; the head exists by then
+            return
+        if self.head is None:
+            datamodule = self.trainer.datamodule
+            task = getattr(datamodule, "task", None)
+            if task not in ("vqa", "classification", "retrieval"):
+                raise StageError(
+                    "FineTune needs a downstream DataModule (VQADataModule, ClassificationDataModule or "
+                    "RetrievalDataModule in mode: task), or task/num_outputs given explicitly"
+                )
+            if self.hparams.task not in (None, task):
+                raise StageError(f"model task {self.hparams.task!r} does not match the data's task {task!r}")
+            self.hparams.update(
+                task=task,
+                num_outputs=datamodule.num_outputs,
+                labels=datamodule.labels,
+                leak_notes=list(datamodule.leak_notes),
+            )
+            self._build_task(task, datamodule.num_outputs, datamodule.labels)
+        else:
+            data_labels = getattr(self.trainer.datamodule, "labels", None)
+            if data_labels is not None and list(data_labels) != list(self.hparams.labels or []):
+                raise StageError(
+                    f"the data's {len(data_labels)} answers/classes differ from the {self.hparams.num_outputs} this "
+                    "model was built with: use the vocabulary policy and data of the checkpoint's run"
+                )
+        super().configure_model()
 
     # ------------------------------------------------------------------------------------ hand-off
     def load_pretrained(self, path):
@@ -145,7 +181,9 @@ class FineTune(UMDStage):
         return loss
 
     # ------------------------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+    def _eval_step(self, batch: dict[str, Any] | None, stage: str) -> None:
+        if batch is None:  # every sample of the batch was dropped (on_error: skip)
+            return
         task = self.hparams.task
         if task == "retrieval":
             self._score_images(batch)

@@ -13,6 +13,7 @@ a weight of 0 skips that term's computation.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -24,6 +25,9 @@ from umd_lightning.models.heads import FeaturePredictor, ITMHead, MIMDecoder, ML
 from umd_lightning.models.masking import normalized_pixel_targets, patchify, random_masking
 from umd_lightning.stages.base import StageError, UMDStage
 from umd_lightning.stages.ema import EMATeacher
+
+# The EMA teacher stays in eval mode on purpose; Lightning's notice about eval-mode modules would only alarm.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 MaskMode = Literal["joint", "separate"]
 FeatureLoss = Literal["predictive", "reference"]
@@ -158,9 +162,11 @@ class ReconstructionStage(UMDStage):
         if need_text:
             labels = batch["mlm_labels"]
             if hp.w_mlm > 0:
-                logits = self.mlm_head(text_out.text_feats)
-                terms["mlm"] = losses.mlm_loss(logits, labels)
-                metrics["mlm_acc"] = losses.mlm_accuracy(logits.detach(), labels)
+                # The vocabulary projection only where tokens were masked: the rest would be discarded.
+                masked = labels != losses.IGNORE_INDEX
+                logits = self.mlm_head(text_out.text_feats[masked])
+                terms["mlm"] = losses.mlm_loss(logits, labels[masked])
+                metrics["mlm_acc"] = losses.mlm_accuracy(logits.detach(), labels[masked])
             if hp.w_feamlm > 0:
                 if hp.feature_loss == "predictive":
                     prediction = self.feamlm_predictor(text_out.text_feats)
@@ -220,7 +226,9 @@ class ReconstructionStage(UMDStage):
     def _eval_generator(batch: dict[str, Any], batch_idx: int) -> torch.Generator:
         return torch.Generator(device=batch["pixel_values"].device).manual_seed(batch_idx)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
         # A fixed generator per batch makes the masks, and so the validation losses, comparable across epochs.
         terms, metrics = self.reconstruction_losses(batch, self._eval_generator(batch, batch_idx))
         batch_size = batch["pixel_values"].shape[0]
@@ -228,6 +236,8 @@ class ReconstructionStage(UMDStage):
             metrics["recon"] = terms["mim"] + (1.0 - metrics["mlm_acc"])
         self.log_terms("val", {**terms, **metrics}, batch_size, sync_dist=True)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Any] | None, batch_idx: int) -> None:
+        if batch is None:
+            return
         terms, metrics = self.reconstruction_losses(batch, self._eval_generator(batch, batch_idx))
         self.log_terms("test", {**terms, **metrics}, batch["pixel_values"].shape[0], sync_dist=True)
