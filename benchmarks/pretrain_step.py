@@ -52,16 +52,16 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def bench(preset: str, batch: int, length: int, steps: int, device: torch.device, precision: str) -> dict:
+def bench(
+    preset: str, batch: int, length: int, steps: int, device: torch.device, precision: str, text_model: str = "minilm"
+) -> dict:
     torch.manual_seed(0)
-    model = MRPretrain(preset=preset, text_model="minilm").to(device)
+    model = MRPretrain(preset=preset, text_model=text_model).to(device)
     model.teacher.copy_from(model.backbone)
     size = model.backbone_config.image_size
     data = make_batch(batch, size, length, model.backbone.text.vocab_size, device)
     optimizer = torch.optim.AdamW(model.parameter_groups(), lr=1e-5)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     def step() -> None:
         with autocast:
@@ -91,16 +91,24 @@ def bench(preset: str, batch: int, length: int, steps: int, device: torch.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     step_time = timed(step, device, steps)
-    parts = {name: timed(fn, device, steps) for name, fn in
-             (("student masked pass", student_masked), ("teacher pass", teacher), ("ITM pass", itm))}
+    parts = {
+        name: timed(fn, device, steps)
+        for name, fn in (("student masked pass", student_masked), ("teacher pass", teacher), ("ITM pass", itm))
+    }
     parts["backward + optimiser + EMA"] = max(0.0, step_time - sum(parts.values()))
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated() / 2**20
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("teacher."))
-    return {"preset": preset, "image": size, "step_s": step_time, "memory_mib": memory, "params": params,
-            "parts": parts}
+    return {
+        "preset": preset,
+        "image": size,
+        "step_s": step_time,
+        "memory_mib": memory,
+        "params": params,
+        "parts": parts,
+    }
 
 
 def main() -> None:

@@ -15,7 +15,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from umd_lightning.checkpointing import AtomicCheckpointIO
 from umd_lightning.data.common import DataError
 from umd_lightning.predict import JsonlPredictionWriter
 from umd_lightning.stages.base import StageError, UMDStage
@@ -33,7 +32,7 @@ class UMDCLI(LightningCLI):
                 "trainer.default_root_dir": "runs",
                 "trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="umd"),
                 # Checkpoints are written to a temporary file and renamed: a crash never leaves a torn last.ckpt.
-                "trainer.plugins": [lazy_instance(AtomicCheckpointIO)],
+                "trainer.plugins": [{"class_path": "umd_lightning.checkpointing.AtomicCheckpointIO"}],
             }
         )
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")

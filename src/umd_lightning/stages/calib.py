@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from umd_lightning.stages.base import Schedule
 from umd_lightning.stages.reconstruction import FeatureLoss, MaskMode, ReconstructionStage
 
 
@@ -45,7 +46,7 @@ class TDCalib(ReconstructionStage):
         feature_loss: FeatureLoss = "predictive",
         ema_momentum: float = 0.995,
         lr: float = 5e-6,
-        schedule: str = "cosine",
+        schedule: Schedule = "cosine",
         **kwargs: Any,
     ) -> None:
         super().__init__(

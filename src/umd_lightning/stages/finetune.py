@@ -19,7 +19,7 @@ from umd_lightning.metrics.vqa import VQAAccuracy
 from umd_lightning.models.backbone import BackboneOutput
 from umd_lightning.models.heads import ClassifierHead, ITMHead, RetrievalHead
 from umd_lightning.predict import describe_predictions
-from umd_lightning.stages.base import StageError, UMDStage, load_checkpoint_file
+from umd_lightning.stages.base import Schedule, StageError, UMDStage, load_checkpoint_file
 
 Task = Literal["vqa", "classification", "retrieval"]
 
@@ -58,7 +58,7 @@ class FineTune(UMDStage):
         lr: float = 5e-6,
         lr_mult: float = 5.0,
         head_lr_mult: float = 50.0,
-        schedule: str = "cosine",
+        schedule: Schedule = "cosine",
         **kwargs: Any,
     ) -> None:
         super().__init__(lr=lr, lr_mult=lr_mult, head_lr_mult=head_lr_mult, schedule=schedule, **kwargs)

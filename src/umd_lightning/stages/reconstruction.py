@@ -23,7 +23,7 @@ from umd_lightning import losses
 from umd_lightning.models.backbone import BackboneOutput
 from umd_lightning.models.heads import FeaturePredictor, ITMHead, MIMDecoder, MLMHead
 from umd_lightning.models.masking import normalized_pixel_targets, patchify, random_masking
-from umd_lightning.stages.base import StageError, UMDStage
+from umd_lightning.stages.base import Schedule, StageError, UMDStage
 from umd_lightning.stages.ema import EMATeacher
 
 # The EMA teacher stays in eval mode on purpose; Lightning's notice about eval-mode modules would only alarm.
@@ -61,6 +61,8 @@ class ReconstructionStage(UMDStage):
         w_feamlm: weight of feature MLM.
         ema_momentum: EMA teacher momentum per optimiser step.
         itm_swap_prob: fraction of ITM pairs whose image is swapped for another sample's.
+        lr: base learning rate (pretrained towers).
+        schedule: decay after warm-up, ``linear`` or ``cosine``.
         **kwargs: see :class:`~umd_lightning.stages.base.UMDStage`.
     """
 
@@ -77,9 +79,11 @@ class ReconstructionStage(UMDStage):
         w_feamlm: float = 1.0,
         ema_momentum: float = 0.995,
         itm_swap_prob: float = 0.5,
+        lr: float = 1e-5,
+        schedule: Schedule = "linear",
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(lr=lr, schedule=schedule, **kwargs)
         if mask_mode not in ("joint", "separate"):
             raise StageError(f"mask_mode must be 'joint' or 'separate', got {mask_mode!r}")
         if feature_loss not in ("predictive", "reference"):
