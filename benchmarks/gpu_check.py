@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import bench
 
 from umd_lightning.callbacks import GMCoord
+from umd_lightning.callbacks.recorder import StepRecorder
 from umd_lightning.data import PretrainDataModule, SourceSpec, VQADataModule
 from umd_lightning.data.synthetic import generate
-from umd_lightning.demo import StepRecorder
 from umd_lightning.stages import FineTune, MRPretrain
 
 ACCELERATOR = {"name": "gpu", "fit_steps": 40, "limit": 1.0}

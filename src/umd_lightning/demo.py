@@ -15,29 +15,13 @@ import shutil
 import time
 from pathlib import Path
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Trainer
 
+from umd_lightning.callbacks.recorder import StepRecorder
 from umd_lightning.cli import build_cli
 from umd_lightning.data.synthetic import generate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
-
-
-class StepRecorder(Callback):
-    """Keeps, per optimiser step, the training loss and the GM-Coord coefficients when they are logged."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.coefficients: dict[str, list[float]] = {"k_t": [], "k_v": []}
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.losses.append(float(loss))
-        for name, values in self.coefficients.items():
-            value = trainer.callback_metrics.get(f"gm_coord/{name}")
-            if value is not None:
-                values.append(float(value))
 
 
 def window_mean(values: list[float], first: bool, size: int) -> float:

@@ -186,10 +186,11 @@ def rescale_(
 
     For each parameter with a gradient: ``g <- k * g``, then if ``noise``,
     ``g <- g + N(0, 1) * (std(g_before) + 1e-8) * noise_scale`` element-wise, ``std(g_before)`` being that
-    parameter's gradient std (unbiased) before rescaling (0 for a one-element gradient). The noise is drawn on
-    the CPU from ``generator``, parameter by parameter in the given order, then moved to the gradient's device
-    and dtype, so processes with the same generator state add the same noise whatever their device. Parameters
-    whose ``grad`` is ``None`` are skipped without drawing.
+    parameter's gradient std (unbiased) before rescaling (0 for a one-element gradient). The noise is drawn from
+    ``generator`` on that generator's device (the gradients' device, so a GPU run does not generate millions of
+    numbers on the CPU every step), parameter by parameter in the given order, then cast to the gradient's dtype:
+    processes with the same generator state on the same kind of device add the same noise. Parameters whose
+    ``grad`` is ``None`` are skipped without drawing.
     """
     for param in params:
         grad = param.grad
@@ -198,7 +199,8 @@ def rescale_(
         std = grad.float().std() if grad.numel() > 1 else grad.new_zeros((), dtype=torch.float32)
         grad.mul_(k)
         if noise:
-            draw = torch.randn(grad.shape, generator=generator, dtype=torch.float32)
+            device = generator.device if generator is not None else grad.device
+            draw = torch.randn(grad.shape, generator=generator, device=device, dtype=torch.float32)
             draw = draw.to(grad.device) * ((std + _STD_FLOOR) * noise_scale)
             grad.add_(draw.to(grad.dtype))
 
@@ -207,13 +209,13 @@ _SEED_MULTIPLIER = 2654435761
 """Odd (Knuth's multiplicative hash), so ``seed * M + step`` gives each step of a run its own 32-bit seed."""
 
 
-def noise_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator seeded from the run seed and the global step: same on every rank, new every step.
+def noise_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from the run seed and the global step: same on every rank, new every step.
 
     The CPU generator (mt19937) keeps only the low 32 bits of its seed, so seed and step are mixed into 32
     bits rather than packed side by side.
     """
-    return torch.Generator().manual_seed((seed * _SEED_MULTIPLIER + step) % 2**32)
+    return torch.Generator(device=device).manual_seed((seed * _SEED_MULTIPLIER + step) % 2**32)
 
 
 class GMCoord(pl.Callback):
@@ -333,7 +335,7 @@ class GMCoord(pl.Callback):
             return
         s_t, s_v = total[0], total[1]
         rho_t, k_t, k_v = coefficients(s_t, s_v, self.alpha, self.formula, self.eps)
-        generator = noise_generator(self._run_seed or 0, trainer.global_step) if self.noise else None
+        generator = noise_generator(self._run_seed or 0, trainer.global_step, pl_module.device) if self.noise else None
         rescale_(self._params["text"], k_t, self.noise, self.noise_scale, generator)
         rescale_(self._params["image"], k_v, self.noise, self.noise_scale, generator)
         stats = {"s_t": s_t, "s_v": s_v, "rho_t": rho_t, "k_t": k_t, "k_v": k_v}
