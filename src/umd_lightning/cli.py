@@ -67,7 +67,7 @@ def main(args: list[str] | None = None) -> None:
 
         raise SystemExit(check_main(argv[2:]))
     try:
-        build_cli(argv)
+        build_cli(args)
     except Exception as exc:
         cause = _user_error(exc)
         if cause is None:
