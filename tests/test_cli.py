@@ -154,3 +154,19 @@ def test_config_mistakes_end_in_one_line(tmp_path, capsys):
         main(["fit", "--config", str(config), "--model.init_args.pretrained", str(tmp_path / "nope.ckpt")])
     assert exit_info.value.code == 2
     assert "pretrained checkpoint not found" in capsys.readouterr().err
+
+
+def test_missing_data_and_unavailable_text_model_end_in_one_line(tmp_path, capsys):
+    config = pretrain_config(tmp_path)
+    missing = str(tmp_path / "no-roco")
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["fit", "--config", str(config), "--data.init_args.sources", f'[{{"format": "roco", "root": "{missing}"}}]']
+        )
+    assert exit_info.value.code == 2
+    assert "ROCO captions not found" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--data.init_args.tokenizer", str(tmp_path / "no-model")])
+    assert exit_info.value.code == 2
+    assert "could not be loaded" in capsys.readouterr().err

@@ -16,8 +16,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from umd_lightning.data.common import DataError
+from umd_lightning.errors import ConfigError
 from umd_lightning.predict import JsonlPredictionWriter
-from umd_lightning.stages.base import StageError, UMDStage
+from umd_lightning.stages.base import UMDStage
 
 
 class UMDCLI(LightningCLI):
@@ -81,7 +82,7 @@ def _user_error(exc: BaseException) -> BaseException | None:
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
-        if isinstance(current, StageError | DataError):
+        if isinstance(current, ConfigError | DataError | FileNotFoundError):
             return current
         seen.add(id(current))
         current = current.__cause__ or current.__context__

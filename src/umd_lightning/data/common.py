@@ -101,15 +101,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, *, file: str | Path | None = None, record: str | int | None = None) -> Image.Image:
-    """Decode an image file fully and return it as RGB.
-
-    Raises:
-        DataError: the file is missing, empty, not an image, truncated, or larger than PIL's
-            decompression-bomb limit.
-    """
-    path = Path(path)
-    where = file if file is not None else path
+def _open_image(path: Path, where: str | Path, record: str | int | None, decode: bool) -> Image.Image | None:
+    """Open ``path`` and either decode it to RGB (``decode``) or only verify its header; every failure becomes a
+    ``DataError`` of kind ``missing_image``, ``bad_image`` or ``image_too_large``."""
     if not path.is_file():
         raise DataError("missing_image", where, record, f"image file not found: {path}")
     if path.stat().st_size == 0:
@@ -118,12 +112,27 @@ def load_image(path: str | Path, *, file: str | Path | None = None, record: str 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
+                if not decode:
+                    image.verify()
+                    return None
                 image.load()
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError("image_too_large", where, record, f"{path}: {exc}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError("bad_image", where, record, f"cannot decode {path}: {exc}") from exc
+        verb = "decode" if decode else "read"
+        raise DataError("bad_image", where, record, f"cannot {verb} {path}: {exc}") from exc
+
+
+def load_image(path: str | Path, *, file: str | Path | None = None, record: str | int | None = None) -> Image.Image:
+    """Decode an image file fully and return it as RGB.
+
+    Raises:
+        DataError: the file is missing, empty, not an image, truncated, or larger than PIL's
+            decompression-bomb limit.
+    """
+    path = Path(path)
+    return _open_image(path, file if file is not None else path, record, decode=True)
 
 
 def check_image_header(path: str | Path, *, file: str | Path | None = None, record: str | int | None = None) -> None:
@@ -134,20 +143,7 @@ def check_image_header(path: str | Path, *, file: str | Path | None = None, reco
             decompression-bomb limit.
     """
     path = Path(path)
-    where = file if file is not None else path
-    if not path.is_file():
-        raise DataError("missing_image", where, record, f"image file not found: {path}")
-    if path.stat().st_size == 0:
-        raise DataError("bad_image", where, record, f"image file is empty (0 bytes): {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.verify()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise DataError("image_too_large", where, record, f"{path}: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError("bad_image", where, record, f"cannot read {path}: {exc}") from exc
+    _open_image(path, file if file is not None else path, record, decode=False)
 
 
 def check_text(text: Any, *, file: str | Path, record: str | int | None, what: str = "text") -> str:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 from torch import Tensor, nn
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
+from umd_lightning.errors import ConfigError
 from umd_lightning.models.config import TextConfig, resolve_text_model
 
 
@@ -17,6 +20,18 @@ def _resolve(name_or_path: str) -> tuple[str, bool]:
     return path, Path(path).is_dir()
 
 
+@contextlib.contextmanager
+def _offline_hint(name_or_path: str) -> Iterator[None]:
+    """Turn transformers' "not found / offline" errors into one line that says what to do."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError(
+            f"text model {name_or_path!r} could not be loaded ({str(exc).strip().splitlines()[0]}): give a local "
+            "folder (e.g. one written by save_pretrained), the alias 'minilm', or a hub name with network access"
+        ) from exc
+
+
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     """The fast tokenizer of a text model (a local folder, the ``minilm`` alias or a hub name).
 
@@ -24,7 +39,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
         ValueError: the model has no fast tokenizer (whole-word masking needs ``word_ids()``).
     """
     path, local = _resolve(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
+    with _offline_hint(name_or_path):
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ValueError(f"{name_or_path!r} has no fast tokenizer; whole-word masking needs word_ids()")
     return tokenizer
@@ -46,7 +62,8 @@ class TextTower(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         path, local = _resolve(cfg.name_or_path)
-        config = AutoConfig.from_pretrained(path, local_files_only=local, **cfg.overrides)
+        with _offline_hint(cfg.name_or_path):
+            config = AutoConfig.from_pretrained(path, local_files_only=local, **cfg.overrides)
         # A pooler's parameters would get no gradient (DDP complains): skip it where the class allows.
         model_class = MODEL_MAPPING[type(config)]
         kwargs = (

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from umd_lightning.errors import ConfigError
 from umd_lightning.models.backbone import UMDBackbone
 from umd_lightning.models.config import BackboneConfig, preset
 from umd_lightning.weights import UntrustedPickleError, read_weights
@@ -20,7 +21,7 @@ from umd_lightning.weights import UntrustedPickleError, read_weights
 Schedule = Literal["linear", "cosine"]
 
 
-class StageError(RuntimeError):
+class StageError(ConfigError):
     """A configuration or checkpoint mistake, with a one-line message that says what to change."""
 
 
