@@ -30,7 +30,7 @@ from umd_lightning.data import PretrainDataModule, SourceSpec, VQADataModule
 from umd_lightning.data.synthetic import generate
 from umd_lightning.stages import FineTune, MRPretrain
 
-ACCELERATOR = {"name": "gpu", "fit_steps": 40, "limit": 1.0}
+ACCELERATOR = {"name": "gpu", "precision": "bf16-mixed", "fit_steps": 40, "limit": 1.0}
 """``--dry-run`` switches these to a few CPU batches, to check the script before spending device time."""
 
 
@@ -64,7 +64,7 @@ def lightning_bf16_fit(out: Path, text_model: str) -> dict:
     trainer = pl.Trainer(
         accelerator=ACCELERATOR["name"],
         devices=1,
-        precision="bf16-mixed",
+        precision=ACCELERATOR["precision"],
         max_steps=ACCELERATOR["fit_steps"],
         logger=False,
         enable_checkpointing=False,
@@ -108,7 +108,7 @@ def finetune_vqa_rad(out: Path, text_model: str, root: str, gm_coord: bool, seed
     trainer = pl.Trainer(
         accelerator=ACCELERATOR["name"],
         devices=1,
-        precision="bf16-mixed",
+        precision=ACCELERATOR["precision"],
         max_epochs=epochs,
         limit_train_batches=ACCELERATOR["limit"],
         limit_val_batches=ACCELERATOR["limit"],
@@ -153,7 +153,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--skip", nargs="*", default=[], choices=["steps", "fit", "vqa"])
     parser.add_argument("--dry-run", action="store_true", help="a few CPU batches per part (no step timing)")
+    parser.add_argument("--accelerator", default="gpu", help="Lightning accelerator for the fits (cpu to compare)")
+    parser.add_argument("--precision", default="bf16-mixed", help="Lightning precision for the fits")
+    parser.add_argument("--variants", nargs="+", default=["plain", "gm"], choices=["plain", "gm"])
     args = parser.parse_args()
+    ACCELERATOR.update(name=args.accelerator, precision=args.precision)
     if args.dry_run:
         ACCELERATOR.update(name="cpu", fit_steps=3, limit=2)
         args.skip.append("steps")
@@ -169,7 +173,7 @@ def main() -> None:
         report["vqa_rad"] = [
             finetune_vqa_rad(args.out, args.text_model, args.vqa_rad, gm, seed, args.epochs)
             for seed in args.seeds
-            for gm in (False, True)
+            for gm in (variant == "gm" for variant in args.variants)
         ]
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
 

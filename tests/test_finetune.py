@@ -64,3 +64,23 @@ def test_vqa_loss_is_bce_times_answers_and_retrieval_targets_index_zero():
     scores = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 0.0]])
     loss, target = retrieval._loss(scores, {})
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(scores, torch.zeros(2, dtype=torch.long)))
+
+
+def test_answer_vocabulary_that_differs_from_the_checkpoint_is_refused(tmp_path):
+    from pathlib import Path
+
+    import lightning.pytorch as pl
+
+    from umd_lightning.data import VQADataModule
+
+    root = Path(__file__).resolve().parent / "data" / "vqa_rad"
+    data = VQADataModule(
+        dataset="vqa_rad", root=str(root), tokenizer="minilm", image_size=32, batch_size=4, num_workers=0
+    )
+    wrong = [f"answer {i}" for i in range(data.num_outputs)]
+    model = FineTune(preset="tiny", text_model="minilm", task="vqa", num_outputs=data.num_outputs, labels=wrong)
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(StageError, match="answers/classes differ from the"):
+        trainer.fit(model, datamodule=data)
