@@ -133,7 +133,7 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def _read_lines(path: Path) -> list[tuple[int, bytes]]:
+def read_lines(path: Path) -> list[tuple[int, bytes]]:
     """Non-blank lines of a text file as ``(1-based line number, raw bytes)``; decoding happens per record."""
     with open(path, "rb") as handle:
         return [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
@@ -160,7 +160,7 @@ def _parse_json_line(raw: bytes, *, file: Path, line: int) -> dict[str, Any]:
 def _parse_all(path: Path) -> list[tuple[int, dict[str, Any] | DataError]]:
     """Parse every line of a JSONL file, keeping a line's ``DataError`` in place of its object."""
     parsed: list[tuple[int, dict[str, Any] | DataError]] = []
-    for line, raw in _read_lines(path):
+    for line, raw in read_lines(path):
         try:
             parsed.append((line, _parse_json_line(raw, file=path, line=line)))
         except DataError as error:
@@ -247,6 +247,40 @@ class PairDataset(Dataset):
         return {"image": image, "text": record.texts[text_index], "id": record.id}
 
 
+ROCO_SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
+"""ROCO's split folders; M3AE renames ``validation`` to ``val``, so both are accepted."""
+
+
+def roco_captions_file(root: Path, split: str) -> Path:
+    """The ``captions.txt`` of a ROCO split (``train``, ``val``/``validation``, ``test``).
+
+    Raises:
+        FileNotFoundError: none of the accepted paths exists (they are named).
+    """
+    canonical = _canonical_split(split, {"train": "train", "val": "val", "validation": "val", "test": "test"}, "roco")
+    candidates = [root / folder / "radiology" / "captions.txt" for folder in ROCO_SPLIT_FOLDERS[canonical]]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"ROCO captions not found: expected {' or '.join(map(str, candidates))}")
+
+
+def parse_roco_line(raw: bytes, *, captions: Path, line: int) -> tuple[str, Path, str]:
+    """One ``ROCO_<id>\t<caption>`` line -> ``(id, image path, caption with whitespace collapsed)``; the image is
+    ``images/<id>.jpg`` beside ``captions`` and must stay inside that folder.
+
+    Raises:
+        DataError: ``bad_encoding``, ``bad_line``, ``empty_text`` or ``unsafe_path``.
+    """
+    name, tab, caption = _decode(raw, file=captions, line=line).partition("\t")
+    name = name.strip()
+    if not tab or not name:
+        raise DataError("bad_line", captions, f"line {line}", "expected 'ROCO_<id><TAB><caption>'")
+    text = _clean_text(caption, file=captions, record=name, what="caption")
+    path = safe_join(captions.parent / "images", f"{name}.jpg", file=captions, record=name)
+    return name, path, text
+
+
 class RocoDataset(PairDataset):
     """ROCO, radiology subset: ``<root>/<split>/radiology/captions.txt`` with lines ``ROCO_<id>\\t<caption>``.
 
@@ -273,31 +307,16 @@ class RocoDataset(PairDataset):
         min_words: int = MIN_WORDS,
     ) -> None:
         super().__init__(name=f"roco/{split}", transform=transform, on_error=on_error, scan_mode=scan)
-        root = Path(root)
-        canonical = _canonical_split(
-            split, {"train": "train", "val": "val", "validation": "val", "test": "test"}, "roco"
-        )
-        folders = ("validation", "val") if canonical == "val" else (canonical,)
-        candidates = [root / folder / "radiology" / "captions.txt" for folder in folders]
-        existing = [path for path in candidates if path.is_file()]
-        if not existing:
-            raise FileNotFoundError(f"ROCO captions not found: expected {' or '.join(map(str, candidates))}")
-        captions = existing[0]
-        folder = captions.parents[1].name
+        captions = roco_captions_file(Path(root), split)
 
         def make_record(item: tuple[int, bytes]) -> ImageRecord:
             line, raw = item
-            name, tab, caption = _decode(raw, file=captions, line=line).partition("\t")
-            name = name.strip()
-            if not tab or not name:
-                raise DataError("bad_line", captions, f"line {line}", "expected 'ROCO_<id><TAB><caption>'")
-            text = _clean_text(caption, file=captions, record=name, what="caption")
+            name, path, text = parse_roco_line(raw, captions=captions, line=line)
             if len(text.split()) < min_words:
                 raise _Filtered("short_caption")
-            path = safe_join(root, f"{folder}/radiology/images/{name}.jpg", file=captions, record=name)
             return ImageRecord(path=path, id=name, file=str(captions), texts=(text,))
 
-        self._load(_read_lines(captions), make_record)
+        self._load(read_lines(captions), make_record)
 
 
 MEDICAT_ANNOTATIONS = "release/s2_full_figures_oa_nonroco_combined_medical_top4_public.jsonl"
@@ -593,7 +612,7 @@ class MedPixDataset(PairDataset):
             path = safe_join(root, f"images/{image}.png", file=annotations, record=image)
             return ImageRecord(path=path, id=image, file=str(annotations), texts=(caption,))
 
-        self._load(_read_lines(annotations), make_record)
+        self._load(read_lines(annotations), make_record)
 
 
 def _same_split(value: str, split: str) -> bool:

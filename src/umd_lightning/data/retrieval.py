@@ -24,15 +24,13 @@ from umd_lightning.data.common import (
     OnError,
     ScanMode,
     ScanReport,
-    check_text,
     load_image,
-    safe_join,
     scan,
     scan_images,
 )
+from umd_lightning.data.pretrain import ROCO_SPLIT_FOLDERS, read_lines, parse_roco_line, roco_captions_file
 
 RetrievalDatasetName = Literal["roco", "medpix"]
-ROCO_SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
 
 Record = dict[str, Any]
 
@@ -58,25 +56,14 @@ def roco_records(
     """
     root = Path(root)
     records: list[Record] = []
-    for split, folders in ROCO_SPLIT_FOLDERS.items():
-        candidates = [root / folder / "radiology" / "captions.txt" for folder in folders]
-        file = next((path for path in candidates if path.is_file()), None)
-        if file is None:
-            raise FileNotFoundError(f"roco: no {split} captions file; expected one of {[str(p) for p in candidates]}")
-        lines = [(n, line) for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    for split in ROCO_SPLIT_FOLDERS:
+        file = roco_captions_file(root, split)
+        lines = read_lines(file)
 
-        def parse(item: tuple[int, str], file: Path = file, split: str = split) -> Record:
-            number, line = item
-            image_id, tab, caption = line.partition("\t")
-            image_id = image_id.strip()
-            if not tab or not image_id:
-                raise DataError("bad_line", file, f"line {number}", "expected 'ROCO_<id>\\t<caption>'")
-            return {
-                "id": image_id,
-                "image": safe_join(file.parent / "images", f"{image_id}.jpg", file=file, record=image_id),
-                "text": " ".join(check_text(caption, file=file, record=image_id, what="caption").split()),
-                "split": split,
-            }
+        def parse(item: tuple[int, bytes], file: Path = file, split: str = split) -> Record:
+            number, raw = item
+            image_id, image, text = parse_roco_line(raw, captions=file, line=number)
+            return {"id": image_id, "image": image, "text": text, "split": split}
 
         kept, report = scan(lines, parse, name=f"roco/{split}", on_error=on_error, progress=False)
         # Short captions are a selection rule, not a data error: count them without failing.
