@@ -28,7 +28,7 @@ from umd_lightning.data.common import (
     scan,
     scan_images,
 )
-from umd_lightning.data.pretrain import ROCO_SPLIT_FOLDERS, read_lines, parse_roco_line, roco_captions_file
+from umd_lightning.data.pretrain import ROCO_SPLIT_FOLDERS, parse_roco_line, read_lines, roco_captions_file
 
 RetrievalDatasetName = Literal["roco", "medpix"]
 
