@@ -342,7 +342,7 @@ def test_medpix_layout_errors(tmp_path: Path) -> None:
         MedPixDataset(tmp_path, "val")
     record = {"image": "MPX1_synpic1", "Description": {"Caption": "  "}}
     write_lines(tmp_path / "splitted_dataset" / "descriptions_test.jsonl", [json.dumps(record)])
-    with pytest.raises(DataError, match="record MPX1_synpic1: Caption must be a non-empty string"):
+    with pytest.raises(DataError, match=r"record MPX1_synpic1: Description\.Caption must be a non-empty string"):
         MedPixDataset(tmp_path, "test")
 
 

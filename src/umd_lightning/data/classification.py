@@ -8,7 +8,6 @@ training split (:func:`class_names_from`).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from umd_lightning.data.common import (
     scan_images,
     to_rgb,
 )
+from umd_lightning.data.pretrain import parse_medpix_line, read_lines
 from umd_lightning.data.vqa import require_files
 
 ClassificationDatasetName = Literal["melinda", "medpix", "medmnist"]
@@ -141,29 +141,15 @@ def medpix_records(
     records: list[Record] = []
     for split, name in files.items():
         file = root / "splitted_dataset" / name
-        lines = [
-            (number, line)
-            for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1)
-            if line.strip()
-        ]
+        lines = read_lines(file)
 
-        def parse(item: tuple[int, str], file: Path = file, split: str = split) -> Record:
-            number, line = item
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError("bad_record", file, f"line {number}", f"not valid JSON: {exc}") from exc
-            if not isinstance(entry, dict):
-                raise DataError("bad_record", file, f"line {number}", "expected a JSON object")
-            record_id = entry.get("image")
-            if not isinstance(record_id, str) or not record_id.strip():
-                raise DataError("missing_field", file, f"line {number}", f"bad 'image' field {record_id!r}")
-            description = entry.get("Description")
-            caption = description.get("Caption") if isinstance(description, dict) else None
+        def parse(item: tuple[int, bytes], file: Path = file, split: str = split) -> Record:
+            number, raw = item
+            entry, record_id, image, caption = parse_medpix_line(raw, root=root, file=file, line=number)
             return {
                 "id": record_id,
-                "image": safe_join(root / "images", f"{record_id}.png", file=file, record=record_id),
-                "text": check_text(caption, file=file, record=record_id, what="Description.Caption"),
+                "image": image,
+                "text": caption,
                 "label_name": check_text(entry.get(label_column), file=file, record=record_id, what=label_column),
                 "case": str(entry.get("U_id", "")),
                 "split": split,

@@ -561,6 +561,23 @@ class MimicCxrDataset(PairDataset):
         self._load(items, make_record)
 
 
+def parse_medpix_line(raw: bytes, *, root: Path, file: Path, line: int) -> tuple[dict[str, Any], str, Path, str]:
+    """One line of MedPix 2.0's ``descriptions_<split>.jsonl`` -> ``(entry, image id, image path, caption)``: the
+    image is ``images/<image>.png`` under ``root``, the caption ``Description.Caption`` with whitespace collapsed.
+
+    Raises:
+        DataError: ``bad_encoding``, ``bad_json``, ``bad_record``, ``empty_text`` or ``unsafe_path``.
+    """
+    entry = _parse_json_line(raw, file=file, line=line)
+    image = _string_field(entry, "image", file=file, line=line)
+    description = entry.get("Description")
+    if not isinstance(description, dict):
+        raise DataError("bad_record", file, image, "field 'Description' must be an object")
+    caption = _clean_text(description.get("Caption"), file=file, record=image, what="Description.Caption")
+    path = safe_join(root / "images", f"{image}.png", file=file, record=image)
+    return entry, image, path, caption
+
+
 class MedPixDataset(PairDataset):
     """MedPix 2.0: ``<root>/splitted_dataset/descriptions_<split>.jsonl`` and ``<root>/images/<image>.png``.
 
@@ -601,15 +618,9 @@ class MedPixDataset(PairDataset):
 
         def make_record(item: tuple[int, bytes]) -> ImageRecord:
             line, raw = item
-            record = _parse_json_line(raw, file=annotations, line=line)
-            image = _string_field(record, "image", file=annotations, line=line)
+            _, image, path, caption = parse_medpix_line(raw, root=root, file=annotations, line=line)
             if excluded & {image, *image.split("_")}:
                 raise _Filtered("excluded")
-            description = record.get("Description")
-            if not isinstance(description, dict):
-                raise DataError("bad_record", annotations, image, "field 'Description' must be an object")
-            caption = _clean_text(description.get("Caption"), file=annotations, record=image, what="Caption")
-            path = safe_join(root, f"images/{image}.png", file=annotations, record=image)
             return ImageRecord(path=path, id=image, file=str(annotations), texts=(caption,))
 
         self._load(read_lines(annotations), make_record)
