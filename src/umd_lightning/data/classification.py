@@ -24,7 +24,7 @@ from umd_lightning.data.common import (
     ScanMode,
     ScanReport,
     check_text,
-    load_image,
+    load_scanned_image,
     safe_join,
     scan,
     scan_images,
@@ -276,12 +276,8 @@ class ClassificationDataset(Dataset):
         if isinstance(image, np.ndarray):
             picture = to_rgb(Image.fromarray(image))
         else:
-            try:
-                picture = load_image(image, record=record["id"])
-            except DataError as error:
-                if self.on_error == "raise":
-                    raise
-                log.warning("skipping a sample whose image stopped decoding after the scan: %s", error)
+            picture = load_scanned_image(image, on_error=self.on_error, record=record["id"])
+            if picture is None:
                 return None
         return {
             "image": self.transform(picture),

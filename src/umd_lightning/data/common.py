@@ -135,6 +135,24 @@ def load_image(path: str | Path, *, file: str | Path | None = None, record: str 
     return _open_image(path, file if file is not None else path, record, decode=True)
 
 
+def load_scanned_image(
+    path: str | Path, *, on_error: OnError, record: str | int | None, file: str | Path | None = None
+) -> Image.Image | None:
+    """Decode an image that passed the set-up scan, for ``__getitem__``: if it no longer decodes (the file changed
+    since), raise under ``on_error="raise"``, else log it and return ``None`` for the collate to drop.
+
+    Raises:
+        DataError: the image no longer decodes and ``on_error == "raise"``.
+    """
+    try:
+        return load_image(path, file=file, record=record)
+    except DataError as error:
+        if on_error == "raise":
+            raise
+        log.warning("skipping a sample whose image stopped decoding after the scan: %s", error)
+        return None
+
+
 def check_image_header(path: str | Path, *, file: str | Path | None = None, record: str | int | None = None) -> None:
     """Open an image without decoding its pixels (cheap scan).
 

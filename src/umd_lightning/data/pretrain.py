@@ -41,6 +41,7 @@ from umd_lightning.data.common import (
     check_image_header,
     check_text,
     load_image,
+    load_scanned_image,
     safe_join,
     scan,
 )
@@ -235,12 +236,8 @@ class PairDataset(Dataset):
         """
         image_index, text_index = self.pairs[index]
         record = self.images[image_index]
-        try:
-            image = load_image(record.path, file=record.file, record=record.id)
-        except DataError as error:
-            if self.on_error == "raise":
-                raise
-            log.warning("skipping a sample whose image stopped decoding after the scan: %s", error)
+        image = load_scanned_image(record.path, on_error=self.on_error, file=record.file, record=record.id)
+        if image is None:
             return None
         if self.transform is not None:
             image = self.transform(image)

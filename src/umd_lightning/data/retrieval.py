@@ -20,11 +20,11 @@ from torch.utils.data import Dataset, get_worker_info
 
 from umd_lightning.data.classification import medpix_records
 from umd_lightning.data.common import (
-    DataError,
     OnError,
     ScanMode,
     ScanReport,
     load_image,
+    load_scanned_image,
     scan,
     scan_images,
 )
@@ -150,12 +150,8 @@ class ImageTextPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        try:
-            image = load_image(record["image"], record=record["id"])
-        except DataError as error:
-            if self.on_error == "raise":
-                raise
-            log.warning("skipping a pair whose image stopped decoding after the scan: %s", error)
+        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["id"])
+        if image is None:
             return None
         return {"image": self.transform(image), "text": record["text"], "id": record["id"]}
 

@@ -29,7 +29,7 @@ from umd_lightning.data.common import (
     ScanMode,
     ScanReport,
     check_text,
-    load_image,
+    load_scanned_image,
     safe_join,
     scan,
     scan_images,
@@ -466,12 +466,8 @@ class VQADataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        try:
-            image = load_image(record["image"], record=record["qid"])
-        except DataError as error:
-            if self.on_error == "raise":
-                raise
-            log.warning("skipping a question whose image stopped decoding after the scan: %s", error)
+        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["qid"])
+        if image is None:
             return None
         answer_index = self.answer_vocab.index(record["answer"])
         return {
