@@ -242,9 +242,14 @@ class UMDStage(pl.LightningModule):
             )
             raise StageError(f"{path} does not fit this {self.stage_name} model: {'; '.join(problems)}.{hint}")
         self.load_state_dict(take, strict=False)
+        self.init_from_pretrained(source)
         left_out = sorted(k for k in source if not k.startswith(prefixes))
         not_loaded = sorted(k for k in own if not k.startswith(prefixes))
         return left_out, not_loaded
+
+    def init_from_pretrained(self, source: Mapping[str, Tensor]) -> None:
+        """Hook after :meth:`load_pretrained`: initialise what this stage builds from other keys of the previous
+        stage's checkpoint (``source`` is its whole state dict). Nothing by default."""
 
     # ------------------------------------------------------------------------------------------- helpers
     def check_finite(self, terms: Mapping[str, Tensor]) -> None:

@@ -6,6 +6,7 @@ set up, and are saved in the checkpoint's hyper-parameters so a fine-tuned model
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -19,7 +20,7 @@ from umd_lightning.metrics.vqa import VQAAccuracy
 from umd_lightning.models.backbone import BackboneOutput
 from umd_lightning.models.heads import ClassifierHead, ITMHead, RetrievalHead
 from umd_lightning.predict import describe_predictions
-from umd_lightning.stages.base import Schedule, StageError, UMDStage, load_checkpoint_file
+from umd_lightning.stages.base import Schedule, StageError, UMDStage
 
 Task = Literal["vqa", "classification", "retrieval"]
 
@@ -119,17 +120,14 @@ class FineTune(UMDStage):
         super().configure_model()
 
     # ------------------------------------------------------------------------------------ hand-off
-    def load_pretrained(self, path):
-        left_out, not_loaded = super().load_pretrained(path)
-        if self.hparams.task == "retrieval":
-            source = load_checkpoint_file(path)["state_dict"]
-            if "itm_head.linear.weight" in source:
-                itm = ITMHead(2 * self.backbone.width)
-                itm.load_state_dict(
-                    {k.removeprefix("itm_head."): v for k, v in source.items() if k.startswith("itm_head.")}
-                )
-                self.head.init_from_itm(itm)
-        return left_out, not_loaded
+    def init_from_pretrained(self, source: Mapping[str, Tensor]) -> None:
+        """The retrieval head starts from the pre-trained ITM head's positive row, when the checkpoint has one."""
+        if self.hparams.task == "retrieval" and "itm_head.linear.weight" in source:
+            itm = ITMHead(2 * self.backbone.width)
+            itm.load_state_dict(
+                {k.removeprefix("itm_head."): v for k, v in source.items() if k.startswith("itm_head.")}
+            )
+            self.head.init_from_itm(itm)
 
     # ------------------------------------------------------------------------------------ GM-Coord
     def gm_coord_modalities(self) -> dict[str, list[nn.Module]]:
