@@ -312,7 +312,9 @@ def test_mimic_fixture() -> None:
 
 @pytest.mark.real_data
 def test_medpix_real_dev_header_scan(medpix_root: Path) -> None:
-    dataset = MedPixDataset(medpix_root, "dev", transform=image_transform(32, train=False), scan="header")
+    dataset = MedPixDataset(
+        medpix_root, "dev", transform=image_transform(32, train=False), scan="header", exclude_vqa_rad_overlap=False
+    )
     assert (dataset.report.read, dataset.report.kept, len(dataset)) == (197, 197, 197)
     sample = dataset[0]
     assert sample["id"] == "MPX1009_synpic46283"
@@ -322,19 +324,24 @@ def test_medpix_real_dev_header_scan(medpix_root: Path) -> None:
 
 @pytest.mark.real_data
 def test_medpix_real_split_sizes_and_vqa_rad_overlap(medpix_root: Path) -> None:
-    sizes = {split: len(MedPixDataset(medpix_root, split, scan="none")) for split in ("train", "dev", "test")}
+    def everything(split: str) -> MedPixDataset:
+        return MedPixDataset(medpix_root, split, scan="none", exclude_vqa_rad_overlap=False)
+
+    sizes = {split: len(everything(split)) for split in ("train", "dev", "test")}
     assert sizes == {"train": 1653, "dev": 197, "test": 200}
-    assert len(MedPixDataset(medpix_root, "val", scan="none")) == 197
+    assert len(everything("val")) == 197
+    # Excluded by default: 10 of the 19 shared images are VQA-RAD test images.
     excluded = {
-        split: MedPixDataset(medpix_root, split, scan="none", exclude_vqa_rad_overlap=True).report.problems["excluded"]
+        split: MedPixDataset(medpix_root, split, scan="none").report.problems["excluded"]
         for split in ("train", "dev", "test")
     }
     assert sum(excluded.values()) == len(VQA_RAD_OVERLAP) == 19
     assert excluded["dev"] + excluded["test"] == 2
     # ids match whole parts of the name: a prefix of a synpic id excludes nothing.
-    assert MedPixDataset(medpix_root, "dev", scan="none", exclude_ids=["synpic4628"]).report.problems == {}
+    prefix_only = MedPixDataset(medpix_root, "dev", scan="none", exclude_ids=["synpic4628"])
+    assert prefix_only.report.problems == {"excluded": excluded["dev"]}
     by_name = MedPixDataset(medpix_root, "dev", scan="none", exclude_ids=["MPX1009_synpic46283", "synpic46295"])
-    assert by_name.report.problems["excluded"] == 2
+    assert by_name.report.problems["excluded"] == 2 + excluded["dev"]
 
 
 def test_medpix_layout_errors(tmp_path: Path) -> None:
@@ -500,9 +507,9 @@ def test_datamodule_batches_from_fixtures() -> None:
 def test_datamodule_rejects_batches_that_drop_last_would_lose(tmp_path: Path) -> None:
     make_roco(tmp_path, "validation")
     data = PretrainDataModule([SourceSpec("roco", str(make_roco(tmp_path)))], batch_size=8, num_workers=0)
-    data.setup("fit")
-    with pytest.raises(ValueError, match="fewer than batch_size=8"):
-        data.train_dataloader()
+    # Found by the set-up scan, before any step runs.
+    with pytest.raises(ValueError, match="fewer than data.init_args.batch_size=8"):
+        data.setup("fit")
 
 
 def test_datamodule_from_yaml_with_jsonargparse() -> None:

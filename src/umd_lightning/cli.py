@@ -2,36 +2,58 @@
 
 ``umd fit --config configs/pretrain/roco.yaml [--config configs/trainer/gpu_ddp_bf16.yaml]``. The model and data
 are chosen in YAML by ``class_path``; values only the data knows reach the model through argument links.
+
+Every run writes into one stable folder (``run_dir``, see :mod:`umd_lightning.runs`): ``last.ckpt``,
+``best.ckpt`` when a metric is monitored, and ``logs/``. Before anything heavy runs, the command checks what it
+was given: ``--ckpt_path last`` / ``best`` resolve inside the run folder (one line when there is nothing to
+resume), a checkpoint of another stage than the configured model is refused, a fresh ``fit`` never overwrites an
+earlier run's checkpoints, and ``pretrained:`` must point at a checkpoint of a stage this one starts from.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
-from jsonargparse import lazy_instance
-from lightning.pytorch import LightningDataModule
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
+from umd_lightning.callbacks.preemption import Preemption, interrupted_by
 from umd_lightning.data.common import DataError
 from umd_lightning.errors import ConfigError
 from umd_lightning.predict import JsonlPredictionWriter
-from umd_lightning.stages.base import UMDStage
+from umd_lightning.runs import BEST, LAST, checkpoint_stage, default_run_dir, describe_folder, existing_checkpoints
+from umd_lightning.runs import resolve_pretrained as resolve_pretrained_path
+from umd_lightning.stages.base import StageError, UMDStage
 
 
 class UMDCLI(LightningCLI):
-    """LightningCLI with the data -> model links every UMD stage needs, TensorBoard logs under ``runs/`` and a
-    ``checkpoint`` section (a ``ModelCheckpoint`` that keeps ``last.ckpt`` for resuming)."""
+    """LightningCLI with the data -> model links every UMD stage needs, one run folder per run (``run_dir``) with
+    TensorBoard logs and a ``checkpoint`` section (a ``ModelCheckpoint`` that keeps ``last.ckpt`` for resuming)."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--run_dir",
+            type=str | None,
+            default=None,
+            help="Folder of this run's checkpoints (last.ckpt, best.ckpt) and logs; default runs/<stage>/<dataset>.",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
-                "trainer.default_root_dir": "runs",
-                "trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="umd"),
+                # A stable folder: a resumed run overwrites its own last.ckpt / best.ckpt instead of adding -v1 files.
+                "checkpoint.enable_version_counter": False,
+                "trainer.default_root_dir": None,
+                "trainer.logger": None,
                 # Checkpoints are written to a temporary file and renamed: a crash never leaves a torn last.ckpt.
                 "trainer.plugins": [{"class_path": "umd_lightning.checkpointing.AtomicCheckpointIO"}],
             }
@@ -39,6 +61,162 @@ class UMDCLI(LightningCLI):
         parser.add_lightning_class_args(JsonlPredictionWriter, "predictions")
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.text_model")
         parser.link_arguments("data.init_args.image_size", "model.init_args.image_size")
+
+    # ------------------------------------------------------------------------------------------ run folder
+    def _subconfig(self) -> Namespace:
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self._subconfig()
+        stage = _stage_class(config.model.class_path).stage_name if config.get("model") else "run"
+        run_dir = config.get("run_dir") or config.checkpoint.dirpath
+        if run_dir is None:
+            run_dir = str(default_run_dir(stage, describe_folder(_plain(config.get("data")))))
+        self.run_dir = Path(run_dir)
+        config.run_dir = str(self.run_dir)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(self.run_dir)
+        if config.checkpoint.filename is None and config.checkpoint.monitor is not None:
+            config.checkpoint.filename = Path(BEST).stem
+        if config.trainer.default_root_dir is None:
+            config.trainer.default_root_dir = str(self.run_dir)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True):
+            kwargs["logger"] = TensorBoardLogger(
+                save_dir=str(self.run_dir), name="", version="logs", default_hp_metric=False
+            )
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(Preemption())
+        return trainer
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _checkpoint_folder(self) -> Path:
+        return Path(self._subconfig().checkpoint.dirpath or self.run_dir)
+
+    def _resolve_ckpt_path(self, subcommand: str) -> str | None:
+        """Turn ``last`` / ``best`` into files of the run folder and check the file's stage against the model."""
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if ckpt_path is None:
+            return None
+        folder = self._checkpoint_folder()
+        if ckpt_path in ("last", "best"):
+            name = LAST if ckpt_path == "last" else BEST
+            candidate = folder / name
+            if ckpt_path == "last" and not candidate.is_file():
+                candidate = _newest_hpc_checkpoint(folder) or candidate
+            if not candidate.is_file():
+                what = "nothing to resume" if ckpt_path == "last" else "no best checkpoint"
+                hint = "drop --ckpt_path to start a fresh run" if ckpt_path == "last" else "pass a checkpoint file"
+                raise ConfigError(f"--ckpt_path {ckpt_path}: {what} in {folder} (no {name}): {hint}")
+            ckpt_path = str(candidate)
+        elif not Path(ckpt_path).is_file():
+            raise ConfigError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        saved_stage = checkpoint_stage(ckpt_path)
+        model = self.model
+        if isinstance(model, UMDStage) and saved_stage != model.stage_name:
+            raise StageError(
+                f"--ckpt_path {ckpt_path} is a {saved_stage or 'non-UMD'} checkpoint but this config's model is "
+                f"{type(model).__name__} ({model.stage_name}): use a {model.stage_name} checkpoint, or the config of "
+                f"the stage that wrote it"
+                + ("; to start from it, set model.init_args.pretrained instead" if subcommand == "fit" else "")
+            )
+        self.config_init[subcommand]["ckpt_path"] = ckpt_path
+        rank_zero_info(f"[umd] {subcommand}: checkpoint {ckpt_path}")
+        return ckpt_path
+
+    def before_fit(self) -> None:
+        ckpt_path = self._resolve_ckpt_path("fit")
+        folder = self._checkpoint_folder()
+        if ckpt_path is None:
+            if isinstance(self.model, UMDStage) and self.model.hparams.pretrained:
+                self.model.hparams.pretrained = str(self._check_pretrained(self.model))
+            earlier = [p for p in existing_checkpoints(folder) if not p.name.startswith("hpc_ckpt_")]
+            if earlier and _newest_hpc_checkpoint(folder) is None:
+                raise ConfigError(
+                    f"{folder} already holds checkpoints of an earlier run ({', '.join(p.name for p in earlier)}): "
+                    "resume it with --ckpt_path last, write elsewhere with --run_dir, or delete the folder"
+                )
+
+    @staticmethod
+    def _check_pretrained(model: UMDStage) -> Path:
+        path = resolve_pretrained_path(model.hparams.pretrained)
+        saved_stage = checkpoint_stage(path)
+        if saved_stage not in model.accepts_pretrained_from:
+            raise StageError(
+                f"{path} is a {saved_stage or 'non-UMD'} checkpoint; {model.stage_name} starts from "
+                f"{' or '.join(model.accepts_pretrained_from)} checkpoints (model.init_args.pretrained)"
+            )
+        rank_zero_info(f"[{model.stage_name}] starts from {path} ({saved_stage})")
+        return path
+
+    def before_validate(self) -> None:
+        self._resolve_ckpt_path("validate")
+
+    def before_test(self) -> None:
+        self._resolve_ckpt_path("test")
+
+    def before_predict(self) -> None:
+        self._resolve_ckpt_path("predict")
+
+    # ------------------------------------------------------------------------------------------ results
+    def after_validate(self) -> None:
+        self._report("validate")
+
+    def after_test(self) -> None:
+        self._report("test")
+
+    def _report(self, subcommand: str) -> None:
+        """Print the evaluation policy with the results and save both as ``<run_dir>/<subcommand>_results.json``."""
+        notes = evaluation_leaks(self.model, self.datamodule)
+        label = "LEAKY: " + "; ".join(notes) if notes else "no leak (train vocabulary, held-out validation)"
+        results = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.split("/")[0] in ("val", "test")}
+        if self.trainer.is_global_zero:
+            print(f"[umd] {subcommand} evaluation: {label}")
+            record = {
+                "subcommand": subcommand,
+                "checkpoint": self.config_init[subcommand].get("ckpt_path"),
+                "seed": _run_seed(),
+                "leaky": bool(notes),
+                "leak_notes": notes,
+                "metrics": results,
+            }
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / f"{subcommand}_results.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def evaluation_leaks(model: Any, datamodule: Any) -> list[str]:
+    """What makes an evaluation leaky: the model's training-time policy (saved in its hyper-parameters) and the
+    data's evaluation-time policy, each note once."""
+    notes = list((getattr(model, "hparams", None) or {}).get("leak_notes") or [])
+    for note in getattr(datamodule, "leak_notes", []) or []:
+        if note not in notes:
+            notes.append(note)
+    return notes
+
+
+def _run_seed() -> int | None:
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else None
+
+
+def _newest_hpc_checkpoint(folder: Path) -> Path | None:
+    """Lightning's SLURM requeue checkpoint (``hpc_ckpt_<n>.ckpt``) with the highest ``n``, if any."""
+    found = [p for p in folder.glob("hpc_ckpt_*.ckpt") if p.stem.removeprefix("hpc_ckpt_").isdigit()]
+    return max(found, key=lambda p: int(p.stem.removeprefix("hpc_ckpt_")), default=None)
+
+
+def _stage_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"model.class_path {class_path!r} cannot be imported") from None
+
+
+def _plain(value: Any) -> Any:
+    return value.as_dict() if isinstance(value, Namespace) else value
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> UMDCLI:
@@ -58,7 +236,8 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> UMDCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``umd`` console script and ``python -m umd_lightning``: configuration and checkpoint
-    mistakes end in a one-line message instead of a traceback.
+    mistakes end in a one-line message instead of a traceback; a fit stopped by SIGTERM / SIGINT exits with
+    143 / 130 after saving ``last.ckpt``.
 
     ``umd data check --config <yaml>`` scans a configuration's data without training (see ``data/check.py``).
     """
@@ -69,6 +248,11 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(check_main(argv[2:]))
     try:
         build_cli(args)
+    except SystemExit as exc:
+        signum = interrupted_by()
+        if signum is not None:
+            raise SystemExit(128 + signum) from None
+        raise exc
     except Exception as exc:
         cause = _user_error(exc)
         if cause is None:

@@ -15,11 +15,23 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from umd_lightning.data.collate import PretrainCollator
 from umd_lightning.data.common import OnError, ScanMode
 from umd_lightning.data.pretrain import PretrainConcatDataset, SourceSpec, build_pretrain_datasets
-from umd_lightning.data.sampler import make_loader
+from umd_lightning.data.sampler import make_loader, run_seed
 from umd_lightning.data.transforms import image_transform
+from umd_lightning.errors import ConfigError, check_range
 from umd_lightning.models.config import resolve_text_model
 
 log = logging.getLogger(__name__)
+
+
+def check_loader_options(
+    batch_size: int, num_workers: int, max_text_length: int, mask_ratio_text: float, image_size: int
+) -> None:
+    """The DataModule options every loader needs, each checked with one line naming it and its valid range."""
+    check_range("data.init_args.batch_size", batch_size, low=1)
+    check_range("data.init_args.num_workers", num_workers, low=0)
+    check_range("data.init_args.max_text_length", max_text_length, low=3)  # room for the special tokens
+    check_range("data.init_args.mask_ratio_text", mask_ratio_text, low=0.0, high=1.0)
+    check_range("data.init_args.image_size", image_size, low=1)
 
 
 class PretrainDataModule(LightningDataModule):
@@ -42,7 +54,8 @@ class PretrainDataModule(LightningDataModule):
         on_error: ``raise`` stops at the first bad record at set-up; ``skip`` drops and counts bad records.
         scan: how deeply images are checked at set-up: ``full`` decodes, ``header`` opens, ``none`` skips.
         val_split: the validation split (each format maps ``val`` to its own name, e.g. MedPix ``dev``).
-        seed: seed of the text masking.
+        seed: seed of the data order, the augmentation and the text masks (and, through the loader's per-step
+            seeding, of the patch masks and ITM negatives); ``None`` takes the run's ``seed_everything``.
     """
 
     def __init__(
@@ -57,11 +70,12 @@ class PretrainDataModule(LightningDataModule):
         on_error: OnError = "raise",
         scan: ScanMode = "full",
         val_split: str = "val",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if not sources:
-            raise ValueError("PretrainDataModule needs at least one source")
+            raise ConfigError("PretrainDataModule needs at least one source (data.init_args.sources)")
+        check_loader_options(batch_size, num_workers, max_text_length, mask_ratio_text, image_size)
         self.sources = [SourceSpec(**source) if isinstance(source, dict) else source for source in sources]
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -103,6 +117,11 @@ class PretrainDataModule(LightningDataModule):
         """
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = self._build("train", train=True)
+            if len(self.train_dataset) < self.batch_size:
+                raise ConfigError(
+                    f"the train split has {len(self.train_dataset)} pairs, fewer than data.init_args.batch_size="
+                    f"{self.batch_size}: with drop_last no batch would be produced; lower the batch size"
+                )
         if stage in ("fit", "validate") and self.val_dataset is None:
             self.val_dataset = self._build(self.val_split, train=False)
         if stage in ("test", "predict") and self.test_dataset is None:
@@ -113,7 +132,7 @@ class PretrainDataModule(LightningDataModule):
             self.text_tokenizer,
             max_length=self.max_text_length,
             mask_ratio_text=self.mask_ratio_text,
-            seed=self.seed,
+            seed=run_seed(self.seed),
             fixed_masks=not train,
         )
 
@@ -123,7 +142,7 @@ class PretrainDataModule(LightningDataModule):
         return make_loader(
             dataset,
             train=train,
-            seed=self.seed,
+            seed=run_seed(self.seed),
             batch_size=self.batch_size,
             drop_last=train,
             num_workers=self.num_workers,
@@ -134,11 +153,6 @@ class PretrainDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches, the last incomplete one dropped (every step sees ``batch_size`` pairs)."""
-        if self.train_dataset is not None and len(self.train_dataset) < self.batch_size:
-            raise ValueError(
-                f"the train split has {len(self.train_dataset)} pairs, fewer than "
-                f"batch_size={self.batch_size}: with drop_last no batch would be produced"
-            )
         return self._loader(self.train_dataset, "train", train=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -33,6 +33,7 @@ from umd_lightning.data.classification import (
 )
 from umd_lightning.data.collate import PretrainCollator
 from umd_lightning.data.common import OnError, ScanMode, ScanReport
+from umd_lightning.data.datamodule import check_loader_options
 from umd_lightning.data.retrieval import (
     ImageTextPairs,
     RetrievalEvalSplit,
@@ -41,9 +42,10 @@ from umd_lightning.data.retrieval import (
     make_eval_split,
     read_retrieval_records,
 )
-from umd_lightning.data.sampler import make_loader
+from umd_lightning.data.sampler import make_loader, run_seed
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.data.vqa import VQACollator, VQADataset, holdout_by_image, read_vqa_records
+from umd_lightning.errors import ConfigError, check_range
 from umd_lightning.models.config import resolve_text_model
 
 Record = dict[str, Any]
@@ -76,7 +78,10 @@ class DownstreamDataModule(LightningDataModule):
         mask_ratio_text: fraction of each text's tokens masked, whole words at a time (``calib`` only).
         on_error: ``raise`` stops at the first bad record at set-up; ``skip`` drops and counts bad records.
         scan: how deeply images are checked at set-up: ``full`` decodes, ``header`` opens, ``none`` skips.
-        seed: seed of every random choice of the data (held-out images, evaluation pairs, negatives, masks).
+        seed: seed of the run's data randomness (order, augmentation, text masks, retrieval negatives);
+            ``None`` takes the run's ``seed_everything``, so one seed drives every draw.
+        split_seed: seed of the data set's partition (held-out validation images, the evaluation pairs picked):
+            fixed by default, so runs with different seeds are scored on the same splits.
     """
 
     name = "downstream"
@@ -95,11 +100,13 @@ class DownstreamDataModule(LightningDataModule):
         mask_ratio_text: float = 0.15,
         on_error: OnError = "raise",
         scan: ScanMode = "full",
-        seed: int = 0,
+        seed: int | None = None,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         if mode not in ("task", "calib"):
-            raise ValueError(f"mode must be 'task' or 'calib', got {mode!r}")
+            raise ConfigError(f"data.init_args.mode must be 'task' or 'calib', got {mode!r}")
+        check_loader_options(batch_size, num_workers, max_text_length, mask_ratio_text, image_size)
         self.root = root
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -111,6 +118,7 @@ class DownstreamDataModule(LightningDataModule):
         self.on_error: OnError = on_error
         self.scan: ScanMode = scan
         self.seed = seed
+        self.split_seed = split_seed
         self.records: dict[Split, list[Record]] = {}
         self.datasets: dict[Split, Dataset] = {}
         self.scan_reports: list[ScanReport] = []
@@ -181,7 +189,7 @@ class DownstreamDataModule(LightningDataModule):
                 self.text_tokenizer,
                 max_length=self.max_text_length,
                 mask_ratio_text=self.mask_ratio_text,
-                seed=self.seed,
+                seed=run_seed(self.seed),
                 fixed_masks=split != "train",
             )
         return self._task_collator(split)
@@ -194,7 +202,7 @@ class DownstreamDataModule(LightningDataModule):
         return make_loader(
             dataset,
             train=split == "train",
-            seed=self.seed,
+            seed=run_seed(self.seed),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -243,11 +251,14 @@ class VQADataModule(DownstreamDataModule):
         val_fraction: fraction of the training images held out by ``heldout``.
         language: SLAKE question language (``en``; ``None`` keeps all).
         categories: VQA-Med-2019 categories (default modality, plane, organ; ``abnormality`` opt-in).
+        skip_empty_answers: SLAKE: skip and count records with an empty answer even with ``on_error: raise`` (the
+            published ``train.json`` has one, qid 1622); the shipped SLAKE configs turn it on.
         mode: ``task`` or ``calib``.
         mask_ratio_text: see :class:`DownstreamDataModule`.
         on_error: see :class:`DownstreamDataModule`.
         scan: see :class:`DownstreamDataModule`.
-        seed: seed of the held-out images and of the calib masks.
+        seed: see :class:`DownstreamDataModule`.
+        split_seed: seed of the held-out images (see :class:`DownstreamDataModule`).
 
     Raises:
         ValueError: ``official`` validation for a set without a validation split, or bad option values.
@@ -269,11 +280,13 @@ class VQADataModule(DownstreamDataModule):
         val_fraction: float = 0.1,
         language: str | None = "en",
         categories: list[str] | None = None,
+        skip_empty_answers: bool = False,
         mode: Mode = "task",
         mask_ratio_text: float = 0.15,
         on_error: OnError = "raise",
         scan: ScanMode = "full",
-        seed: int = 0,
+        seed: int | None = None,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(
             root=root,
@@ -287,9 +300,12 @@ class VQADataModule(DownstreamDataModule):
             on_error=on_error,
             scan=scan,
             seed=seed,
+            split_seed=split_seed,
         )
         self.name = dataset
         self.dataset = dataset
+        if validation == "heldout":
+            check_range("data.init_args.val_fraction", val_fraction, low=0.0, high=1.0, low_open=True, high_open=True)
         self.vocab = vocab
         self.validation = validation
         self.val_fraction = val_fraction
@@ -297,7 +313,13 @@ class VQADataModule(DownstreamDataModule):
         self.categories = categories
         reports: list[ScanReport] = []
         records = read_vqa_records(
-            dataset, root, language=language, categories=categories, on_error=on_error, reports=reports
+            dataset,
+            root,
+            language=language,
+            categories=categories,
+            on_error=on_error,
+            reports=reports,
+            skip_empty_answers=skip_empty_answers,
         )
         self.scan_reports += reports
         by_split = {split: [r for r in records if r["split"] == split] for split in SPLITS}
@@ -328,7 +350,7 @@ class VQADataModule(DownstreamDataModule):
     def _splits(self, validation: str, by_split: dict[Split, list[Record]]) -> dict[Split, list[Record]]:
         train, test = by_split["train"], by_split["test"]
         if validation == "heldout":
-            train, val = holdout_by_image(train, self.val_fraction, self.seed)
+            train, val = holdout_by_image(train, self.val_fraction, self.split_seed)
             return {"train": train, "val": val, "test": test}
         if validation == "val_is_test":
             self._leak("validation is the test set")
@@ -395,7 +417,8 @@ class ClassificationDataModule(DownstreamDataModule):
         mask_ratio_text: see :class:`DownstreamDataModule`.
         on_error: see :class:`DownstreamDataModule`.
         scan: see :class:`DownstreamDataModule`.
-        seed: seed of the calib masks.
+        seed: see :class:`DownstreamDataModule`.
+        split_seed: see :class:`DownstreamDataModule`.
 
     Raises:
         ValueError: unknown label column (the valid ones are listed), a label column for MedMNIST, or a val or
@@ -419,7 +442,8 @@ class ClassificationDataModule(DownstreamDataModule):
         mask_ratio_text: float = 0.15,
         on_error: OnError = "raise",
         scan: ScanMode = "full",
-        seed: int = 0,
+        seed: int | None = None,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(
             root=root,
@@ -433,6 +457,7 @@ class ClassificationDataModule(DownstreamDataModule):
             on_error=on_error,
             scan=scan,
             seed=seed,
+            split_seed=split_seed,
         )
         self.name = dataset
         self.dataset = dataset
@@ -520,7 +545,8 @@ class RetrievalDataModule(DownstreamDataModule):
         mask_ratio_text: see :class:`DownstreamDataModule`.
         on_error: see :class:`DownstreamDataModule`.
         scan: see :class:`DownstreamDataModule`.
-        seed: seed of the evaluation pick, the negatives and the calib masks.
+        seed: seed of the negatives and the calib masks (see :class:`DownstreamDataModule`).
+        split_seed: seed of the evaluation pick (see :class:`DownstreamDataModule`).
     """
 
     task = "retrieval"
@@ -540,7 +566,8 @@ class RetrievalDataModule(DownstreamDataModule):
         mask_ratio_text: float = 0.15,
         on_error: OnError = "raise",
         scan: ScanMode = "full",
-        seed: int = 0,
+        seed: int | None = None,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(
             root=root,
@@ -554,6 +581,7 @@ class RetrievalDataModule(DownstreamDataModule):
             on_error=on_error,
             scan=scan,
             seed=seed,
+            split_seed=split_seed,
         )
         self.name = dataset
         self.dataset = dataset
@@ -583,7 +611,7 @@ class RetrievalDataModule(DownstreamDataModule):
             self.records[split],
             self.transform(False),
             max_pairs=self.max_eval_pairs,
-            seed=self.seed,
+            seed=self.split_seed,
             name=f"{self.name}/{split}",
             on_error=self.on_error,
             scan=self.scan,
@@ -598,7 +626,7 @@ class RetrievalDataModule(DownstreamDataModule):
                 [r["text"] for r in self.records["train"]],
                 max_length=self.max_text_length,
                 num_candidates=self.num_candidates,
-                seed=self.seed,
+                seed=run_seed(self.seed),
             )
         return collate_images
 

@@ -590,8 +590,9 @@ class MedPixDataset(PairDataset):
         exclude_ids: images to leave out, each given as a full image name (``MPX1007_synpic46720``) or a
             ``synpic`` id (``synpic46720``); ids match whole ``_``-separated parts of the name, so
             ``synpic1652`` does not exclude ``synpic16520``.
-        exclude_vqa_rad_overlap: also leave out the 19 images shared with VQA-RAD (``VQA_RAD_OVERLAP``); use
-            it when pre-training for a VQA-RAD evaluation.
+        exclude_vqa_rad_overlap: leave out the 19 images shared with VQA-RAD (``VQA_RAD_OVERLAP``; 10 of them are
+            VQA-RAD test images). On by default, since the pre-trained model is usually evaluated on VQA-RAD; set
+            it to false only for a model that will never be.
     """
 
     def __init__(
@@ -602,7 +603,7 @@ class MedPixDataset(PairDataset):
         on_error: OnError = "raise",
         scan: ScanMode = "full",
         exclude_ids: Sequence[str] = (),
-        exclude_vqa_rad_overlap: bool = False,
+        exclude_vqa_rad_overlap: bool = True,
     ) -> None:
         super().__init__(name=f"medpix/{split}", transform=transform, on_error=on_error, scan_mode=scan)
         root = Path(root)

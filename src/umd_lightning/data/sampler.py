@@ -23,11 +23,13 @@ run is statistically, not bitwise, the same. Worker seeds come from ``(seed, epo
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -38,6 +40,17 @@ def mix_seed(*values: int | str) -> int:
     """
     digest = hashlib.blake2b(repr(values).encode("utf-8"), digest_size=4).digest()
     return int.from_bytes(digest, "little")
+
+
+def run_seed(seed: int | None = None) -> int:
+    """``seed`` when given, else the run's seed: ``PL_GLOBAL_SEED``, which ``seed_everything`` (the CLI's
+    ``seed_everything:``) sets in this process and its DDP workers; 0 when nothing set it.
+
+    The DataModules resolve their ``seed: None`` through this, so one ``seed_everything`` drives the data order,
+    the augmentation, the text and patch masks and the ITM / retrieval negatives."""
+    if seed is not None:
+        return int(seed)
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class ResumableSampler(DistributedSampler):
@@ -169,7 +182,11 @@ class ResumableDataLoader(DataLoader):
 
 def make_loader(dataset: Dataset, *, train: bool, seed: int, **kwargs: Any) -> DataLoader:
     """The DataModules' loader: a shuffled :class:`ResumableDataLoader` for training, else a ``DataLoader`` in
-    dataset order (Lightning adds a distributed sampler to those under DDP).
+    dataset order.
+
+    Under DDP an evaluation loader deals the split to the ranks without padding (Lightning's own sampler repeats
+    samples to even the ranks out, so a metric would count them twice): every sample is scored once, whatever the
+    number of ranks; ranks may then see one batch more or less.
 
     Args:
         dataset: the split.
@@ -179,4 +196,6 @@ def make_loader(dataset: Dataset, *, train: bool, seed: int, **kwargs: Any) -> D
     """
     if train:
         return ResumableDataLoader(dataset, shuffle=True, seed=seed, **kwargs)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        kwargs["sampler"] = UnrepeatedDistributedSampler(dataset, shuffle=False)  # type: ignore[arg-type]
     return DataLoader(dataset, shuffle=False, **kwargs)

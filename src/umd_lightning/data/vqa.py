@@ -86,7 +86,7 @@ def _answer(raw: Any, file: Path, record: Any) -> str:
         raise DataError("empty_text", file, record, f"answer must be a string or a number, got {raw!r}")
     answer = normalize_answer(raw)
     if not answer:
-        raise DataError("empty_text", file, record, f"answer {raw!r} is empty after normalisation")
+        raise DataError("empty_answer", file, record, f"answer {raw!r} is empty after normalisation")
     return answer
 
 
@@ -129,8 +129,9 @@ def _parse(
     name: str,
     on_error: OnError,
     reports: list[ScanReport] | None,
+    skip_kinds: frozenset[str] = frozenset(),
 ) -> list[Record]:
-    records, report = scan(items, parse, name=name, on_error=on_error, progress=False)
+    records, report = scan(items, parse, name=name, on_error=on_error, progress=False, skip_kinds=skip_kinds)
     if reports is not None:
         reports.append(report)
     return records
@@ -204,12 +205,17 @@ def slake_records(
     language: str | None = "en",
     on_error: OnError = "raise",
     reports: list[ScanReport] | None = None,
+    skip_empty_answers: bool = False,
 ) -> list[Record]:
     """SLAKE 1.0: ``train.json``, ``validate.json``, ``test.json`` and ``imgs/<img_name>``.
 
     Args:
         language: keep questions with this ``q_lang`` (``en`` by default: the two languages use different
-            image partitions, so mixing them leaks test images into training); ``None`` keeps all.
+            image partitions, so mixing them leaks test images into training); ``None`` keeps all. Compared
+            without case or surrounding spaces (``EN`` is English); a record without ``q_lang`` is a
+            ``missing_field`` error; the questions of the other language are counted in the log.
+        skip_empty_answers: skip and count (kind ``empty_answer``) records whose answer is empty, even with
+            ``on_error="raise"``: the published ``train.json`` has one (an English question, qid 1622).
     """
     root = Path(root)
     files = {"train": "train.json", "val": "validate.json", "test": "test.json"}
@@ -221,6 +227,10 @@ def slake_records(
         def parse(item: tuple[int, Any], file: Path = file, split: str = split) -> Record:
             position, entry = item
             qid = _field(entry, "qid", file, f"#{position}")
+            if language is not None:
+                lang = _field(entry, "q_lang", file, qid)
+                if not isinstance(lang, str) or not lang.strip():
+                    raise DataError("missing_field", file, qid, f"q_lang must be a language code, got {lang!r}")
             return _record(
                 image_root=root / "imgs",
                 file=file,
@@ -233,13 +243,25 @@ def slake_records(
                 split=split,
             )
 
-        items = [
-            (position, entry)
-            for position, entry in enumerate(read_json_list(file))
-            if language is None or not isinstance(entry, dict) or entry.get("q_lang") == language
-        ]
-        records += _parse(items, parse, name=f"slake/{split}", on_error=on_error, reports=reports)
+        entries = list(enumerate(read_json_list(file)))
+        items = [(position, entry) for position, entry in entries if _in_language(entry, language)]
+        if len(items) < len(entries):
+            log.info("slake/%s: %d of %d questions not in language %r left out", split, len(entries) - len(items),
+                     len(entries), language)  # fmt: skip
+        skip = frozenset({"empty_answer"}) if skip_empty_answers else frozenset()
+        records += _parse(items, parse, name=f"slake/{split}", on_error=on_error, reports=reports, skip_kinds=skip)
     return records
+
+
+def _in_language(entry: Any, language: str | None) -> bool:
+    """Whether a SLAKE record is kept by the language filter; records without a usable ``q_lang`` are kept, so
+    that the scan reports them."""
+    if language is None or not isinstance(entry, dict):
+        return True
+    lang = entry.get("q_lang")
+    if not isinstance(lang, str) or not lang.strip():
+        return True
+    return lang.strip().lower() == language.strip().lower()
 
 
 def _check_categories(categories: Sequence[str] | None) -> list[str]:
@@ -380,8 +402,10 @@ def read_vqa_records(
     categories: Sequence[str] | None = None,
     on_error: OnError = "raise",
     reports: list[ScanReport] | None = None,
+    skip_empty_answers: bool = False,
 ) -> list[Record]:
-    """Read any supported VQA layout by name (``language`` applies to SLAKE, ``categories`` to VQA-Med).
+    """Read any supported VQA layout by name (``language`` and ``skip_empty_answers`` apply to SLAKE,
+    ``categories`` to VQA-Med).
 
     Raises:
         ValueError: unknown data set name (the message lists the valid ones).
@@ -391,7 +415,9 @@ def read_vqa_records(
     if dataset == "vqa_rad_preprocessed":
         return vqa_rad_preprocessed_records(root, on_error=on_error, reports=reports)
     if dataset == "slake":
-        return slake_records(root, language=language, on_error=on_error, reports=reports)
+        return slake_records(
+            root, language=language, on_error=on_error, reports=reports, skip_empty_answers=skip_empty_answers
+        )
     if dataset == "vqa_med_2019":
         return vqa_med_2019_records(root, categories=categories, on_error=on_error, reports=reports)
     if dataset == "vqa_med_2019_m3ae":

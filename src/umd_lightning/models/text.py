@@ -46,6 +46,17 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def _usable_positions(config) -> int | None:
+    """The longest input the position table allows; RoBERTa-style models offset positions by ``pad_token_id + 1``
+    (514 positions -> 512 tokens)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None or getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
 class TextTower(nn.Module):
     """Any encoder ``transformers.AutoModel`` loads, without its pooler.
 
@@ -57,6 +68,7 @@ class TextTower(nn.Module):
         encoder: the transformers model.
         width: hidden size.
         vocab_size: the embedding table's size.
+        max_positions: the longest input its position embeddings allow (``None``: no absolute limit).
     """
 
     def __init__(self, cfg: TextConfig) -> None:
@@ -75,6 +87,7 @@ class TextTower(nn.Module):
             self.encoder = AutoModel.from_config(config, **kwargs)
         self.width: int = config.hidden_size
         self.vocab_size: int = config.vocab_size
+        self.max_positions: int | None = _usable_positions(config)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token features.

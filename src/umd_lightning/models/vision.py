@@ -51,6 +51,7 @@ class VisionTower(nn.Module):
         vit: the timm model (classifier removed).
         width: token width.
         patch_size: patch side in pixels.
+        num_prefix_tokens: tokens before the patches in ``pos_embed`` (the class token, or 0).
     """
 
     def __init__(self, cfg: VisionConfig, image_size: int) -> None:
@@ -77,6 +78,7 @@ class VisionTower(nn.Module):
             raise ValueError(f"{cfg.arch!r}: the tower needs a class token, no register tokens and a pos_embed")
         self.width: int = self.vit.embed_dim
         self.patch_size: int = cfg.patch_size
+        self.num_prefix_tokens: int = 0 if self.vit.no_embed_class else self.vit.num_prefix_tokens
         if cfg.pretrained_path:
             self.load_pretrained(cfg.pretrained_path)
 
@@ -107,12 +109,11 @@ class VisionTower(nn.Module):
     def _position_embedding(self, grid_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Class-token and patch position embeddings ((1, 1, C), (1, h*w, C)) for the grid ``grid_hw``."""
         vit = self.vit
-        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
         pos = resample_abs_pos_embed(
             vit.pos_embed,
             new_size=list(grid_hw),
             old_size=list(vit.patch_embed.grid_size),
-            num_prefix_tokens=prefix,
+            num_prefix_tokens=self.num_prefix_tokens,
         )
         if vit.no_embed_class:
             return torch.zeros_like(vit.cls_token), pos

@@ -10,12 +10,14 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from umd_lightning.errors import ConfigError
+from umd_lightning.errors import ConfigError, check_range
 from umd_lightning.models.backbone import UMDBackbone
 from umd_lightning.models.config import BackboneConfig, preset
+from umd_lightning.runs import resolve_pretrained
 from umd_lightning.weights import UntrustedPickleError, read_weights
 
 Schedule = Literal["linear", "cosine"]
@@ -27,6 +29,9 @@ class StageError(ConfigError):
 
 class NonFiniteLossError(StageError):
     """A loss term turned NaN or infinite; the message names the step and the term."""
+
+
+POS_EMBED_KEY = "backbone.vision.vit.pos_embed"
 
 
 def load_checkpoint_file(path: str | Path, trust_pickle: bool | None = None) -> dict[str, Any]:
@@ -107,8 +112,9 @@ class UMDStage(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if pretrained is not None and not Path(pretrained).is_file():
-            raise StageError(f"pretrained checkpoint not found: {pretrained} (check `model.init_args.pretrained`)")
+        check_range("model.init_args.lr", lr, low=0.0, low_open=True)
+        check_range("model.init_args.warmup_ratio", warmup_ratio, low=0.0, high=1.0)
+        check_range("model.init_args.weight_decay", weight_decay, low=0.0)
         self.backbone_config = self.make_backbone_config(preset, backbone_overrides, text_model, image_size)
         self.backbone = UMDBackbone(self.backbone_config)
         self._pretrained_loaded = False
@@ -125,7 +131,25 @@ class UMDStage(pl.LightningModule):
             cfg.text.name_or_path = text_model
         if image_size is not None:
             cfg.image_size = image_size
+        patch = cfg.vision.patch_size
+        if not isinstance(cfg.image_size, int) or cfg.image_size < patch or cfg.image_size % patch:
+            nearest = max(patch, round(cfg.image_size / patch) * patch) if isinstance(cfg.image_size, int) else patch
+            raise StageError(
+                f"image_size={cfg.image_size} must be a positive multiple of the vision tower's patch size {patch} "
+                f"(e.g. {nearest})"
+            )
         return cfg
+
+    def setup(self, stage: str) -> None:
+        """Check what the model and the data must agree on before any step runs."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        max_length = getattr(datamodule, "max_text_length", None)
+        limit = self.backbone.text.max_positions
+        if max_length is not None and limit is not None and max_length > limit:
+            raise StageError(
+                f"data.init_args.max_text_length={max_length} exceeds the text tower's {limit} positions "
+                f"({self.backbone_config.text.name_or_path}): use at most {limit}"
+            )
 
     # ----------------------------------------------------------------------------------------------- optimiser
     def head_modules(self) -> list[nn.Module]:
@@ -181,9 +205,10 @@ class UMDStage(pl.LightningModule):
             return
         self._pretrained_loaded = True
         if self.hparams.pretrained and self.trainer.ckpt_path is None:
-            left_out, not_loaded = self.load_pretrained(self.hparams.pretrained)
+            path = resolve_pretrained(self.hparams.pretrained)
+            left_out, not_loaded = self.load_pretrained(path)
             rank_zero_info(
-                f"[{self.stage_name}] loaded {self.hparams.pretrained}: "
+                f"[{self.stage_name}] loaded {path}: "
                 f"{len(left_out)} checkpoint keys not used, {len(not_loaded)} keys of this stage start fresh"
             )
 
@@ -194,6 +219,11 @@ class UMDStage(pl.LightningModule):
     def pretrained_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes this stage takes from a previous stage's checkpoint."""
         return ("backbone.",)
+
+    def optional_prefixes(self) -> tuple[str, ...]:
+        """Prefixes among :meth:`pretrained_prefixes` that a previous stage's checkpoint may lack (they then keep
+        their fresh initialisation, and the run says so in one line)."""
+        return ()
 
     def load_pretrained(self, path: str | Path) -> tuple[list[str], list[str]]:
         """Load a previous stage's weights by key prefix, asserting the key sets match exactly.
@@ -218,7 +248,14 @@ class UMDStage(pl.LightningModule):
         prefixes = self.pretrained_prefixes()
         own = self.state_dict()
         take = {k: v for k, v in source.items() if k.startswith(prefixes)}
+        take = self._resample_position_embeddings(take, own, path)
         wanted = {k for k in own if k.startswith(prefixes)}
+        for optional in self.optional_prefixes():
+            if not any(k.startswith(optional) for k in take):
+                wanted = {k for k in wanted if not k.startswith(optional)}
+                rank_zero_warn(
+                    f"[{self.stage_name}] {path} has no {optional.rstrip('.')}: it starts from a fresh initialisation"
+                )
         missing = sorted(wanted - take.keys())
         unexpected = sorted(take.keys() - wanted)
         mismatched = [
@@ -246,6 +283,35 @@ class UMDStage(pl.LightningModule):
         left_out = sorted(k for k in source if not k.startswith(prefixes))
         not_loaded = sorted(k for k in own if not k.startswith(prefixes))
         return left_out, not_loaded
+
+    def _resample_position_embeddings(
+        self, take: dict[str, Tensor], own: Mapping[str, Tensor], path: str | Path
+    ) -> dict[str, Tensor]:
+        """Resample the vision tower's position embeddings of a checkpoint trained at another image size (MR-Pretrain
+        at 288 px hands over to 384 px stages, UMD_SPEC 1.1); every other shape difference stays an error."""
+        key = POS_EMBED_KEY
+        if key not in take or key not in own or take[key].shape == own[key].shape:
+            return take
+        source, target = take[key], own[key]
+        prefix = self.backbone.vision.num_prefix_tokens
+        old_side = math.isqrt(source.shape[1] - prefix)
+        new_side = math.isqrt(target.shape[1] - prefix)
+        if (
+            source.shape[0] != 1
+            or source.shape[2] != target.shape[2]
+            or old_side**2 != source.shape[1] - prefix
+            or new_side**2 != target.shape[1] - prefix
+        ):
+            return take  # not a square grid of the same width: reported as a shape mismatch
+        resampled = resample_abs_pos_embed(
+            source.float(), new_size=[new_side, new_side], old_size=[old_side, old_side], num_prefix_tokens=prefix
+        ).to(source.dtype)
+        rank_zero_info(
+            f"[{self.stage_name}] {path}: position embeddings resampled from a {old_side}x{old_side} to a "
+            f"{new_side}x{new_side} patch grid ({old_side * self.backbone_config.vision.patch_size} -> "
+            f"{new_side * self.backbone_config.vision.patch_size} px)"
+        )
+        return {**take, key: resampled}
 
     def init_from_pretrained(self, source: Mapping[str, Tensor]) -> None:
         """Hook after :meth:`load_pretrained`: initialise what this stage builds from other keys of the previous

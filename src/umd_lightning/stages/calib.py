@@ -11,8 +11,10 @@ from umd_lightning.stages.reconstruction import FeatureLoss, MaskMode, Reconstru
 class TDCalib(ReconstructionStage):
     """TD-Calib: ``L = L_MIM + L_MLM + w_fea * (L_FeaMIM + L_FeaMLM)``, no ITM, starting from an MR-Pretrain
     checkpoint given as ``pretrained`` (backbone, MIM decoder, MLM head and feature predictor; the EMA teacher is
-    re-made from the loaded student). Pair it with a downstream DataModule in ``mode: calib`` and keep the
-    checkpoint with the lowest ``val/recon`` (MIM loss + 1 - MLM accuracy).
+    re-made from the loaded student). The ITM head passes through untouched (frozen with the poolers when
+    ``w_itm = 0``), so retrieval fine-tuning after TD-Calib still starts its head from the ITM positive row.
+    Pair it with a downstream DataModule in ``mode: calib`` and keep the checkpoint with the lowest ``val/recon``
+    (MIM loss + 1 - MLM accuracy).
 
     Args:
         w_feamim: weight of feature MIM (reference ``w_fea = 1e-5``).
@@ -32,6 +34,7 @@ class TDCalib(ReconstructionStage):
 
     stage_name = "calib"
     accepts_pretrained_from = ("pretrain", "calib")
+    carries_itm_head = True
 
     def __init__(
         self,
@@ -66,9 +69,11 @@ class TDCalib(ReconstructionStage):
         )
 
     def pretrained_prefixes(self) -> tuple[str, ...]:
-        prefixes = ["backbone.", "mim_decoder.", "mlm_head."]
+        prefixes = ["backbone.", "mim_decoder.", "mlm_head.", "itm_head."]
         if self.feamlm_predictor is not None:
             prefixes.append("feamlm_predictor.")
-        if self.itm_head is not None:
-            prefixes.append("itm_head.")
         return tuple(prefixes)
+
+    def optional_prefixes(self) -> tuple[str, ...]:
+        # The ITM head only passes through TD-Calib (frozen when w_itm = 0) to initialise a retrieval head.
+        return ("itm_head.",)

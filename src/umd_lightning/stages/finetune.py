@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from umd_lightning.callbacks.gm_coord import GMCoordInputs
@@ -122,6 +123,11 @@ class FineTune(UMDStage):
     # ------------------------------------------------------------------------------------ hand-off
     def init_from_pretrained(self, source: Mapping[str, Tensor]) -> None:
         """The retrieval head starts from the pre-trained ITM head's positive row, when the checkpoint has one."""
+        if self.hparams.task == "retrieval" and "itm_head.linear.weight" not in source:
+            rank_zero_warn(
+                f"[finetune] {self.hparams.pretrained} has no ITM head: the retrieval head starts random "
+                "(UMD_SPEC 1.2 initialises it from the ITM head's positive row)"
+            )
         if self.hparams.task == "retrieval" and "itm_head.linear.weight" in source:
             itm = ITMHead(2 * self.backbone.width)
             itm.load_state_dict(

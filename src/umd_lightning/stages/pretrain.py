@@ -56,4 +56,5 @@ class MRPretrain(ReconstructionStage):
         )
 
     def pretrained_prefixes(self) -> tuple[str, ...]:
-        return ("backbone.", "mim_decoder.", "mlm_head.", "itm_head.", "feamlm_predictor.")
+        built = {"itm_head.": self.itm_head, "feamlm_predictor.": self.feamlm_predictor}
+        return ("backbone.", "mim_decoder.", "mlm_head.", *(prefix for prefix, module in built.items() if module))

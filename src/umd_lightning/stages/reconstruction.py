@@ -14,12 +14,13 @@ a weight of 0 skips that term's computation.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from umd_lightning import losses
+from umd_lightning.errors import check_range
 from umd_lightning.models.backbone import BackboneOutput
 from umd_lightning.models.heads import FeaturePredictor, ITMHead, MIMDecoder, MLMHead
 from umd_lightning.models.masking import normalized_pixel_targets, patchify, random_masking
@@ -66,6 +67,9 @@ class ReconstructionStage(UMDStage):
         **kwargs: see :class:`~umd_lightning.stages.base.UMDStage`.
     """
 
+    carries_itm_head: ClassVar[bool] = False
+    """Build the ITM head even when ``w_itm = 0`` (frozen), so it passes through this stage to retrieval tuning."""
+
     def __init__(
         self,
         mask_ratio_image: float = 0.75,
@@ -88,16 +92,67 @@ class ReconstructionStage(UMDStage):
             raise StageError(f"mask_mode must be 'joint' or 'separate', got {mask_mode!r}")
         if feature_loss not in ("predictive", "reference"):
             raise StageError(f"feature_loss must be 'predictive' or 'reference', got {feature_loss!r}")
+        # 1.0 would leave no patch to encode.
+        check_range("model.init_args.mask_ratio_image", mask_ratio_image, low=0.0, high=1.0, high_open=True)
+        weights = {"alpha": alpha, "w_itm": w_itm, "w_mim": w_mim, "w_mlm": w_mlm}
+        for name, weight in {**weights, "w_feamim": w_feamim, "w_feamlm": w_feamlm}.items():
+            check_range(f"model.init_args.{name}", weight, low=0.0)
+        check_range("model.init_args.ema_momentum", ema_momentum, low=0.0, high=1.0)
+        check_range("model.init_args.itm_swap_prob", itm_swap_prob, low=0.0, high=1.0)
         cfg = self.backbone_config
         width = self.backbone.width
         self.mim_decoder = MIMDecoder(width, cfg.decoder, cfg.vision.patch_size, feature_dim=width)
         self.mlm_head = MLMHead(width, self.backbone.text.vocab_size)
-        self.itm_head = ITMHead(2 * width) if w_itm > 0 else None
+        self.itm_head = ITMHead(2 * width) if w_itm > 0 or self.carries_itm_head else None
         uses_features = w_feamim > 0 or w_feamlm > 0
         self.feamlm_predictor = FeaturePredictor(width) if w_feamlm > 0 else None
         if feature_loss == "reference" and w_feamlm > 0:
             self.feamlm_predictor = nn.Linear(width, width)
         self.teacher = EMATeacher(self.backbone, ema_momentum) if uses_features else None
+        for parameter in self.unused_parameters():
+            parameter.requires_grad_(False)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters that no loss term of this configuration reaches: they are frozen (kept in checkpoints, left
+        out of the optimiser), so DDP never waits for their gradients and no ``find_unused_parameters`` is needed.
+
+        - ``w_itm = 0``: the ITM head (carried untouched) and both poolers (only ITM reads the pooled vectors);
+        - the decoder's pixel output without pixel MIM, its feature output without predictive FeaMIM (the
+          reference FeaMIM compares features before any decoder block), the whole decoder without either;
+        - the MLM head without MLM;
+        - a fusion layer's last image (text) output when nothing reads it: no ITM, and MIM taken at an earlier
+          layer (no MLM / FeaMLM).
+        """
+        hp = self.hparams
+        unused: list[nn.Module] = []
+        parameters: list[nn.Parameter] = []
+        if hp.w_itm <= 0:
+            unused += [self.backbone.text_pooler, self.backbone.image_pooler]
+            if self.itm_head is not None:
+                unused.append(self.itm_head)
+        decoder = self.mim_decoder
+        predictive_feamim = hp.w_feamim > 0 and hp.feature_loss == "predictive"
+        reference_feamim = hp.w_feamim > 0 and hp.feature_loss == "reference"
+        if hp.w_mim <= 0 and not predictive_feamim:
+            unused += [*decoder.blocks, decoder.norm, decoder.pixel_out, decoder.feature_out]
+            if not reference_feamim:
+                unused.append(decoder.embed)
+                parameters.append(decoder.mask_token)
+        else:
+            if hp.w_mim <= 0:
+                unused.append(decoder.pixel_out)
+            if not predictive_feamim:
+                unused.append(decoder.feature_out)
+        if hp.w_mlm <= 0:
+            unused.append(self.mlm_head)
+        fusion = self.backbone.fusion
+        layers = len(fusion.image_layers)
+        image_at_last = (hp.w_mim > 0 or hp.w_feamim > 0) and self.backbone_config.decoder.mim_layer in (-1, layers)
+        if hp.w_itm <= 0 and not image_at_last:
+            unused.append(fusion.image_layers[-1])
+        if hp.w_itm <= 0 and hp.w_mlm <= 0 and hp.w_feamlm <= 0:
+            unused.append(fusion.text_layers[-1])
+        return [p for module in unused for p in module.parameters()] + parameters
 
     # ------------------------------------------------------------------------------------------ teacher
     def on_fit_start(self) -> None:
