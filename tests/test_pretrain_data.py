@@ -508,7 +508,7 @@ def test_datamodule_rejects_batches_that_drop_last_would_lose(tmp_path: Path) ->
     make_roco(tmp_path, "validation")
     data = PretrainDataModule([SourceSpec("roco", str(make_roco(tmp_path)))], batch_size=8, num_workers=0)
     # Found by the set-up scan, before any step runs.
-    with pytest.raises(ValueError, match="fewer than data.init_args.batch_size=8"):
+    with pytest.raises(ValueError, match=r"fewer than data\.init_args\.batch_size=8"):
         data.setup("fit")
 
 

@@ -16,6 +16,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,19 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from umd_lightning.callbacks.preemption import Preemption, interrupted_by
+from umd_lightning.callbacks.preemption import FinalCheckpoint, Preemption, interrupted_by
 from umd_lightning.data.common import DataError
 from umd_lightning.errors import ConfigError
 from umd_lightning.predict import JsonlPredictionWriter
-from umd_lightning.runs import BEST, LAST, checkpoint_stage, default_run_dir, describe_folder, existing_checkpoints
+from umd_lightning.runs import (
+    BEST,
+    LAST,
+    checkpoint_stage,
+    default_run_dir,
+    describe_folder,
+    evaluation_leaks,
+    existing_checkpoints,
+)
 from umd_lightning.runs import resolve_pretrained as resolve_pretrained_path
 from umd_lightning.stages.base import StageError, UMDStage
 
@@ -88,7 +97,7 @@ class UMDCLI(LightningCLI):
                 save_dir=str(self.run_dir), name="", version="logs", default_hp_metric=False
             )
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(Preemption())
+        trainer.callbacks += [Preemption(), FinalCheckpoint()]
         return trainer
 
     # ------------------------------------------------------------------------------------------ checks
@@ -186,16 +195,6 @@ class UMDCLI(LightningCLI):
             (self.run_dir / f"{subcommand}_results.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def evaluation_leaks(model: Any, datamodule: Any) -> list[str]:
-    """What makes an evaluation leaky: the model's training-time policy (saved in its hyper-parameters) and the
-    data's evaluation-time policy, each note once."""
-    notes = list((getattr(model, "hparams", None) or {}).get("leak_notes") or [])
-    for note in getattr(datamodule, "leak_notes", []) or []:
-        if note not in notes:
-            notes.append(note)
-    return notes
-
-
 def _run_seed() -> int | None:
     seed = os.environ.get("PL_GLOBAL_SEED")
     return int(seed) if seed is not None else None
@@ -222,6 +221,9 @@ def _plain(value: Any) -> Any:
 def build_cli(args: list[str] | None = None, run: bool = True) -> UMDCLI:
     """Parse ``args`` (``None``: ``sys.argv``) and, if ``run``, execute the subcommand. For notebooks and tests."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The run folder holds logs/ beside the checkpoints, and `fit` itself refuses to start over an earlier run's
+    # checkpoints (see UMDCLI.before_fit): Lightning's "exists and is not empty" notice would only alarm.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     return UMDCLI(
         UMDStage,
         LightningDataModule,

@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 
+from umd_lightning.errors import check_range
+
 TOP_ANSWERS = 5
 TOP_CAPTIONS = 10
 
@@ -83,9 +85,15 @@ class JsonlPredictionWriter(Callback):
     def __init__(self, output: str | None = None) -> None:
         self.output = output
         self._handle = None
+        self._label: dict[str, Any] = {}
         self.path: Path | None = None
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from umd_lightning.runs import evaluation_leaks
+
+        # A model selected or scored under a leaky policy says so in every row it writes.
+        notes = evaluation_leaks(pl_module, trainer.datamodule)
+        self._label = {"leaky": True, "leak_notes": notes} if notes else {}
         path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.jsonl"
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
@@ -95,13 +103,14 @@ class JsonlPredictionWriter(Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         for row in outputs or []:
-            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._handle.write(json.dumps({**row, **self._label}, ensure_ascii=False) + "\n")
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-            print(f"predictions written to {self.path}")
+            leaky = f" (LEAKY evaluation: {'; '.join(self._label['leak_notes'])})" if self._label else ""
+            print(f"predictions written to {self.path}{leaky}")
 
 
 class Predictor:
@@ -127,6 +136,9 @@ class Predictor:
         self.tokenizer = load_tokenizer(model.backbone_config.text.name_or_path)
         self.transform = image_transform(model.backbone_config.image_size, train=False)
         self.max_length = max_length if max_length is not None else default_max_length(hp.task)
+        limit = model.backbone.text.max_positions
+        if limit is not None:
+            check_range("Predictor max_length", self.max_length, low=1, high=limit)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> Predictor:
@@ -177,6 +189,7 @@ class Predictor:
         """The ``top_k`` answers (or classes) with their probabilities for one image file and a question/caption."""
         from umd_lightning.data.common import load_image
 
+        check_range("top_k", top_k, low=1)
         pixels = self.transform(load_image(image)).unsqueeze(0).to(self.model.device)
         tokens = self.tokenizer([text], truncation=True, max_length=self.max_length, return_tensors="pt")
         logits = self.model(

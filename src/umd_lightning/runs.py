@@ -94,3 +94,13 @@ def describe_folder(config: dict[str, Any] | None) -> str:
     sources = init.get("sources") or []
     formats = [str(s.get("format") if isinstance(s, dict) else getattr(s, "format", "")) for s in sources]
     return "+".join(f for f in formats if f) or "data"
+
+
+def evaluation_leaks(model: Any, datamodule: Any) -> list[str]:
+    """What makes an evaluation leaky: the model's training-time policy (saved in its hyper-parameters) and the
+    data's evaluation-time policy, each note once."""
+    notes = list((getattr(model, "hparams", None) or {}).get("leak_notes") or [])
+    for note in getattr(datamodule, "leak_notes", []) or []:
+        if note not in notes:
+            notes.append(note)
+    return notes

@@ -28,6 +28,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from umd_lightning.errors import ConfigError, check_range
+
 UnimodalMode = Literal["reference", "zero_other"]
 Formula = Literal["reference", "relu_shift"]
 
@@ -257,13 +259,15 @@ class GMCoord(pl.Callback):
     ) -> None:
         super().__init__()
         if unimodal not in ("reference", "zero_other"):
-            raise ValueError(f"unimodal must be 'reference' or 'zero_other', got {unimodal!r}")
+            raise ConfigError(f"GMCoord unimodal must be 'reference' or 'zero_other', got {unimodal!r}")
         if formula not in ("reference", "relu_shift"):
-            raise ValueError(f"formula must be 'reference' or 'relu_shift', got {formula!r}")
-        if alpha < 0 or noise_scale < 0 or eps <= 0:
-            raise ValueError(f"need alpha >= 0, noise_scale >= 0, eps > 0; got {alpha}, {noise_scale}, {eps}")
-        if start_epoch < 0 or (end_epoch is not None and end_epoch <= start_epoch):
-            raise ValueError(f"need 0 <= start_epoch < end_epoch, got {start_epoch}, {end_epoch}")
+            raise ConfigError(f"GMCoord formula must be 'reference' or 'relu_shift', got {formula!r}")
+        check_range("GMCoord alpha", alpha, low=0.0)
+        check_range("GMCoord noise_scale", noise_scale, low=0.0)
+        check_range("GMCoord eps", eps, low=0.0, low_open=True)
+        check_range("GMCoord start_epoch", start_epoch, low=0)
+        if end_epoch is not None and end_epoch <= start_epoch:
+            raise ConfigError(f"GMCoord end_epoch={end_epoch} must be above start_epoch={start_epoch} (or null)")
         self.alpha = alpha
         self.unimodal: UnimodalMode = unimodal
         self.formula: Formula = formula

@@ -76,3 +76,24 @@ class Preemption(pl.Callback):
             f"[umd] {signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; resume with the same "
             "command and `--ckpt_path last`"
         )
+
+
+class FinalCheckpoint(pl.Callback):
+    """Make ``last.ckpt`` the final state of every fit.
+
+    ``ModelCheckpoint`` saves at epoch ends and after validations, so a fit that reaches ``max_steps`` part-way
+    through an epoch would leave ``last.ckpt`` some steps behind the weights it trained (and the next stage would
+    start from those). The ``umd`` command adds it to every run.
+    """
+
+    def __init__(self) -> None:
+        self._saved_step: int | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._saved_step = int(checkpoint.get("global_step", -1))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        callback = trainer.checkpoint_callback
+        if callback is None or not callback.dirpath or self._saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(Path(callback.dirpath) / LAST)

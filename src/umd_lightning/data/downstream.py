@@ -591,6 +591,12 @@ class RetrievalDataModule(DownstreamDataModule):
         records = read_retrieval_records(dataset, root, on_error=on_error, reports=reports)
         self.scan_reports += reports
         self.records = {split: [r for r in records if r["split"] == split] for split in SPLITS}
+        distinct = len({r["text"] for r in self.records["train"]})
+        if mode == "task" and (num_candidates < 2 or distinct < num_candidates):
+            raise ConfigError(
+                f"data.init_args.num_candidates={num_candidates} needs at least 2 and at most the {distinct} distinct "
+                f"training captions of {dataset} at {root}"
+            )
         self.eval_splits: dict[Split, RetrievalEvalSplit] = {}
         for split, recs in self.records.items():
             rank_zero_info(f"{dataset}/{split}: {len(recs)} pairs, {len({r['text'] for r in recs})} distinct captions")

@@ -29,6 +29,7 @@ from umd_lightning.data.common import (
     scan_images,
 )
 from umd_lightning.data.pretrain import ROCO_SPLIT_FOLDERS, parse_roco_line, read_lines, roco_captions_file
+from umd_lightning.errors import ConfigError
 
 RetrievalDatasetName = Literal["roco", "medpix"]
 
@@ -272,8 +273,9 @@ class RetrievalTrainCollator:
     ) -> None:
         self.pool = sorted(set(captions))
         if num_candidates < 2 or len(self.pool) < num_candidates:
-            raise ValueError(
-                f"retrieval training needs num_candidates >= 2 and at least that many distinct captions; "
+            raise ConfigError(
+                f"retrieval training needs data.init_args.num_candidates >= 2 and at least that many distinct "
+                "training captions; "
                 f"got num_candidates={num_candidates} and {len(self.pool)} distinct captions"
             )
         self.position = {caption: i for i, caption in enumerate(self.pool)}

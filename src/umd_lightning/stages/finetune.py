@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -24,6 +25,19 @@ from umd_lightning.predict import describe_predictions
 from umd_lightning.stages.base import Schedule, StageError, UMDStage
 
 Task = Literal["vqa", "classification", "retrieval"]
+
+
+def gather_rows(rows: Tensor) -> Tensor:
+    """Concatenate every rank's rows (ranks may hold different numbers of rows: evaluation samplers do not pad)."""
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[: int(c.item())] for part, c in zip(gathered, counts)])
 
 
 class FineTune(UMDStage):
@@ -270,11 +284,10 @@ class FineTune(UMDStage):
 
     def _retrieval_results(self, stage: str) -> dict[str, float]:
         indices = torch.cat([i for i, _ in self._eval_scores]).to(self.device)
-        scores = torch.cat([s for _, s in self._eval_scores])
+        scores = torch.cat([s for _, s in self._eval_scores]).to(self.device)
         if self.trainer.world_size > 1:
-            indices = self.all_gather(indices).flatten(0, 1)
-            scores = self.all_gather(scores).flatten(0, 1)
-        # A distributed sampler pads with repeated images: keep one row per image, in image order.
+            indices, scores = gather_rows(indices), gather_rows(scores)
+        # Keep one row per image, in image order (a padding sampler would repeat some).
         order = torch.argsort(indices, stable=True)
         indices, scores = indices[order], scores[order]
         first = torch.ones_like(indices, dtype=torch.bool)

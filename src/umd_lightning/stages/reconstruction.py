@@ -237,7 +237,7 @@ class ReconstructionStage(UMDStage):
                     )
 
         # A last evaluation batch of one sample has nothing to swap with: ITM is left out of that batch only.
-        if self.itm_head is not None and (batch_size >= 2 or self.training):
+        if hp.w_itm > 0 and (batch_size >= 2 or self.training):
             itm_pixels, itm_labels = self.swap_images(pixels, generator)
             itm_out = self.backbone(itm_pixels, input_ids, attention_mask, None)
             itm_logits = self.itm_head(itm_out.pooled)

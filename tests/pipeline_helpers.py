@@ -1,0 +1,38 @@
+"""Test-only callbacks imported by the ``umd`` subprocesses of the pipeline tests (``PYTHONPATH`` holds tests/)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+
+class DumpParameters(pl.Callback):
+    """Save every rank's final state dict to ``<folder>/rank<r>.pt`` (to compare the DDP replicas)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {name: value.detach().float().cpu().clone() for name, value in pl_module.state_dict().items()}
+        torch.save(state, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+class SignalAtStep(pl.Callback):
+    """Rank 0 sends itself ``signum`` when ``global_step`` reaches ``step`` (before that batch runs), as a
+    scheduler's pre-emption (SIGTERM) or a Ctrl-C (SIGINT) would."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+        self.step = step
+        self.signum = signum
+        self.sent = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        if trainer.global_step == self.step and trainer.global_rank == 0 and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
