@@ -10,7 +10,7 @@ reason), and writes a checkpoint in the layout our stages save (``state_dict``, 
   TD-Calib and fine-tuning accepts; its EMA teacher (``ema.module.``) becomes our MR-Pretrain teacher;
 - a fine-tuned VQA / classification / retrieval checkpoint becomes an ``umd_stage: finetune`` checkpoint for
   ``umd test`` / :class:`~umd_lightning.predict.Predictor`, and ``--export DIR`` also writes a predict-ready
-  :class:`~umd_lightning.hub.UMDInferenceModel` folder.
+  :class:`~umd_lightning.hub.UMDInferenceModel` folder (the text model must then hold a tokenizer).
 
 The weights cannot say how the reference pools: its MR-Pretrain takes the first token, its TD-Calib and
 fine-tuning code the mean over all tokens (padding included). A converted pre-training checkpoint keeps
@@ -519,9 +519,9 @@ def convert_checkpoint(
     if export_dir is not None:
         if task is None:
             raise ConversionError("--export needs a fine-tuned checkpoint (vqa_head / cls_head / irtr_head keys)")
-        from umd_lightning.hub import export_checkpoint
+        from umd_lightning.export import export_model
 
-        export_checkpoint(destination, export_dir)
+        export_model(destination, export_dir)
     return destination, conversion
 
 
