@@ -79,8 +79,9 @@ def assert_openai_weights_loaded(tower: VisionTower, state: dict[str, torch.Tens
     vit = tower.vit
     assert torch.equal(vit.cls_token.flatten(), state["visual.class_embedding"].float())
     assert torch.equal(vit.pos_embed[0], state["visual.positional_embedding"].float())
-    assert torch.equal(vit.blocks[1].attn.qkv.weight, state["visual.transformer.resblocks.1.attn.in_proj_weight"].float())
-    assert torch.equal(vit.blocks[1].mlp.fc2.bias, state["visual.transformer.resblocks.1.mlp.c_proj.bias"].float())
+    blocks = "visual.transformer.resblocks"
+    assert torch.equal(vit.blocks[1].attn.qkv.weight, state[f"{blocks}.1.attn.in_proj_weight"].float())
+    assert torch.equal(vit.blocks[1].mlp.fc2.bias, state[f"{blocks}.1.mlp.c_proj.bias"].float())
     assert torch.equal(vit.norm_pre.weight, state["visual.ln_pre.weight"].float())
     assert torch.equal(vit.norm.bias, state["visual.ln_post.bias"].float())
 
@@ -165,7 +166,12 @@ def test_a_base_run_with_random_towers_warns_once(caplog: pytest.LogCaptureFixtu
     overrides = {
         **TINY_VISION,
         "text.pretrained": False,
-        "text.overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
+        "text.overrides": {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
         "fusion.width": 32,
         "fusion.layers": 1,
         "fusion.heads": 2,
