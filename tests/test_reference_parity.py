@@ -341,3 +341,50 @@ def test_convert_command_line(tmp_path: Path, text_folder: Path) -> None:
     assert any(k.startswith("teacher.module.") for k in saved["state_dict"])
     missing = subprocess.run([*command[:-2], str(tmp_path / "nope.ckpt"), str(out)], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not found" in missing.stderr
+
+
+def _tiny_tokenizer(folder: Path) -> None:
+    """A word-level tokenizer with RoBERTa's special ids (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<mask>`` 999)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["is", "there", "a", "lesion", "?", "where", "the", "shape"]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<mask>": 999, **{w: 4 + i for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>",
+    )
+    fast.save_pretrained(folder)
+
+
+def test_converted_vqa_model_exports_and_predicts(tmp_path: Path, text_folder: Path, inputs, reference) -> None:
+    import shutil
+
+    from umd_lightning.hub import UMDInferenceModel
+    from umd_lightning.predict import Predictor
+
+    text = tmp_path / "roberta_tiny"
+    shutil.copytree(text_folder, text)
+    _tiny_tokenizer(text)
+    answers = tmp_path / "answers.json"
+    answers.write_text(json.dumps(["yes", "no", "left", "right", "ct", "mri", "x-ray"]))
+    convert_checkpoint(
+        FIXTURE / "finetune_vqa_state_dict.safetensors",
+        tmp_path / "vqa.ckpt",
+        text_model=str(text),
+        sizes=ReferenceSizes(2, 2, 2),
+        answers=answers,
+        export_dir=tmp_path / "export",
+    )
+    model = UMDInferenceModel.from_pretrained(str(tmp_path / "export"))
+    assert model.backbone_config.pooling == "mean" and model.labels[3] == "right"
+    with torch.no_grad():
+        logits = model(inputs["pixel_values"], inputs["text_ids"], inputs["text_masks"])
+    assert (logits - reference["finetune_unmasked.vqa_logits"]).abs().max() <= TOLERANCE
+    assert "finetune_vqa_state_dict.safetensors" in (tmp_path / "export" / "README.md").read_text()
+    image = next((REPO / "tests" / "data" / "vqa_rad" / "VQA_RAD Image Folder").glob("*.jpg"))
+    top = Predictor.from_export(tmp_path / "export").answer(image, "is there a lesion ?")
+    assert len(top) == 5 and {label for label, _ in top} <= set(model.labels)
