@@ -393,3 +393,16 @@ def test_converted_vqa_model_exports_and_predicts(tmp_path: Path, text_folder: P
     image = next((REPO / "tests" / "data" / "vqa_rad" / "VQA_RAD Image Folder").glob("*.jpg"))
     top = Predictor.from_export(tmp_path / "export").answer(image, "is there a lesion ?")
     assert len(top) == 5 and {label for label, _ in top} <= set(model.labels)
+
+
+def test_converted_pretraining_checkpoint_starts_td_calib_and_fine_tuning(converted) -> None:
+    from umd_lightning.stages import TDCalib
+
+    saved = torch.load(converted["pretrain"], map_location="cpu", weights_only=True)
+    common = {k: saved["hyper_parameters"][k] for k in ("preset", "backbone_overrides", "text_model")}
+    calib = TDCalib(**common, feature_loss="reference")
+    left_out, _ = calib.load_pretrained(converted["pretrain"])
+    assert all(k.startswith(("teacher.", "itm_head.")) for k in left_out)
+    tune = FineTune(**common, task="vqa", num_outputs=3)
+    tune.load_pretrained(converted["pretrain"])
+    assert torch.equal(tune.backbone.text_proj.weight, saved["state_dict"]["backbone.text_proj.weight"])
