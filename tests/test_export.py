@@ -1,5 +1,6 @@
 """Safe loading and export: pickled objects are refused unless allowed explicitly, and a fine-tuned checkpoint
-exported to safetensors + JSON predicts exactly like the checkpoint itself."""
+exported as a Hub-ready folder (``PyTorchModelHubMixin``) predicts exactly like the checkpoint itself; a tampered
+folder fails with one line naming the file."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from safetensors.torch import load_file
 
 from umd_lightning.checkpointing import TRUST_PICKLE_ENV, UntrustedPickleError, read_weights
 from umd_lightning.data import VQADataModule
-from umd_lightning.export import export_model, read_export_config
+from umd_lightning.export import export_model
+from umd_lightning.hub import ExportError, UMDInferenceModel
 from umd_lightning.predict import Predictor
 from umd_lightning.stages import FineTune, StageError
 from umd_lightning.stages.base import load_checkpoint_file
@@ -94,17 +96,20 @@ def finetuned_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_export_predicts_like_the_checkpoint(finetuned_checkpoint: Path, tmp_path: Path) -> None:
     out = export_model(finetuned_checkpoint, tmp_path / "export")
-    config = read_export_config(out)
-    assert config["stage"] == "finetune" and config["task"] == "vqa"
-    assert config["image_size"] == 32 and config["text_model"] == "minilm" and config["max_text_length"] == 32
-    assert len(config["labels"]) == config["num_outputs"] > 1
-    assert json.loads((out / "config.json").read_text())["backbone"]["text"]["name_or_path"] == "text"
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "umd_lightning.hub/1" and config["task"] == "vqa"
+    assert config["backbone"]["image_size"] == 32 and config["max_text_length"] == 32
+    assert config["backbone"]["text"]["name_or_path"] == "text" and (out / "text" / "tokenizer.json").is_file()
+    assert len(config["labels"]) > 1 and config["card"]["dataset"] == "vqa_rad"
+    card = (out / "README.md").read_text()
+    assert "vqa_rad" in card and "model_hub_mixin" in card and "vocabulary policy `train`" in card
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "text"]
 
     checkpoint = torch.load(finetuned_checkpoint, map_location="cpu", weights_only=True)
     tensors = load_file(str(out / "model.safetensors"))
-    assert tensors.keys() == checkpoint["state_dict"].keys()
-    for name, value in checkpoint["state_dict"].items():
-        assert torch.equal(tensors[name], value), name
+    assert tensors.keys() == {k for k in checkpoint["state_dict"] if k.startswith(("backbone.", "head."))}
+    for name, value in tensors.items():
+        assert torch.equal(checkpoint["state_dict"][name], value), name
 
     from_ckpt, from_export = Predictor.from_checkpoint(finetuned_checkpoint), Predictor.from_export(out)
     assert from_export.max_length == from_ckpt.max_length == 32
@@ -112,8 +117,63 @@ def test_export_predicts_like_the_checkpoint(finetuned_checkpoint: Path, tmp_pat
     questions = ["is there a lesion?", "where is the bright shape located in the image?", "how many shapes?"]
     for image, question in zip(images, questions):
         expected, got = from_ckpt.answer(image, question), from_export.answer(image, question)
-        assert [label for label, _ in got] == [label for label, _ in expected]
-        assert [p for _, p in got] == pytest.approx([p for _, p in expected], abs=1e-6)
+        assert got == expected
+
+
+def test_mixin_save_load_gives_identical_answers(finetuned_checkpoint: Path, tmp_path: Path) -> None:
+    model = UMDInferenceModel.from_checkpoint(finetuned_checkpoint)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = UMDInferenceModel.from_pretrained(str(tmp_path / "saved"))
+    assert loaded.labels == model.labels and loaded.task == "vqa"
+    pixels = torch.rand(2, 3, 32, 32)
+    tokens = model.tokenizer(["is there a lesion?", "how many shapes?"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(pixels, tokens["input_ids"], tokens["attention_mask"])
+        got = loaded(pixels, tokens["input_ids"], tokens["attention_mask"])
+    assert torch.equal(expected, got)
+
+
+def _rotate_labels(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["labels"] = config["labels"][1:] + config["labels"][:1]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _drop_label(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["labels"] = config["labels"][:-1]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _truncate_weights(folder: Path) -> None:
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _old_format(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["format"] = "umd_lightning.export/1"
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "file"),
+    [
+        (_rotate_labels, "config.json"),
+        (_drop_label, "config.json"),
+        (_truncate_weights, "model.safetensors"),
+        (_old_format, "config.json"),
+    ],
+)
+def test_a_tampered_export_fails_with_one_line_naming_the_file(
+    finetuned_checkpoint: Path, tmp_path: Path, tamper, file: str
+) -> None:
+    out = export_model(finetuned_checkpoint, tmp_path / "export")
+    tamper(out)
+    with pytest.raises(ExportError) as caught:
+        Predictor.from_export(out)
+    message = str(caught.value)
+    assert file in message and "\n" not in message, message
 
 
 def test_export_loads_with_no_unpickling(
@@ -140,6 +200,7 @@ def test_export_command_line(finetuned_checkpoint: Path, tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "cli" / "model.safetensors").is_file() and (tmp_path / "cli" / "text").is_dir()
+    assert (tmp_path / "cli" / "README.md").is_file()
     missing = subprocess.run(
         [sys.executable, "-m", "umd_lightning.export", str(tmp_path / "nope.ckpt"), str(tmp_path / "x")],
         capture_output=True,

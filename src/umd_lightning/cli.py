@@ -241,13 +241,18 @@ def main(args: list[str] | None = None) -> None:
     mistakes end in a one-line message instead of a traceback; a fit stopped by SIGTERM / SIGINT exits with
     143 / 130 after saving ``last.ckpt``.
 
-    ``umd data check --config <yaml>`` scans a configuration's data without training (see ``data/check.py``).
+    ``umd data check --config <yaml>`` scans a configuration's data without training (see ``data/check.py``);
+    ``umd convert`` converts a checkpoint of the authors' code (see ``convert.py``).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:2] == ["data", "check"]:
         from umd_lightning.data.check import main as check_main
 
         raise SystemExit(check_main(argv[2:]))
+    if argv[:1] == ["convert"]:
+        from umd_lightning.convert import main as convert_main
+
+        raise SystemExit(convert_main(argv[1:]))
     try:
         build_cli(args)
     except SystemExit as exc:

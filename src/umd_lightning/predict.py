@@ -5,7 +5,7 @@
 
     predictor = Predictor.from_checkpoint("runs/.../best.ckpt")
     predictor.answer("scan.jpg", "is there a pneumothorax?")   # [("no", 0.91), ("yes", 0.07), ...]
-    predictor = Predictor.from_export("exported/")   # a `python -m umd_lightning.export` folder: no pickle
+    predictor = Predictor.from_export("exported/")   # a save_pretrained / export folder (or hub id): no pickle
 """
 
 from __future__ import annotations
@@ -116,26 +116,19 @@ class JsonlPredictionWriter(Callback):
 class Predictor:
     """Answers questions (VQA) or classifies image-text pairs with a fine-tuned model, one call per image.
 
-    Build it with :meth:`from_checkpoint` or :meth:`from_export`; both carry the preset, tokenizer, image size and
-    labels.
+    Build it with :meth:`from_checkpoint` or :meth:`from_export`; both carry the tokenizer, the image
+    preprocessing and the labels (a :class:`~umd_lightning.hub.UMDInferenceModel`).
 
     Args:
-        model: a fine-tuned ``FineTune`` module (VQA or classification).
-        max_length: tokens kept per question or caption; ``None``: 32 for VQA, else 128.
+        model: the inference model.
+        max_length: tokens kept per question or caption; ``None``: the model's.
     """
 
-    def __init__(self, model: LightningModule, max_length: int | None = None) -> None:
-        from umd_lightning.data.transforms import image_transform
-        from umd_lightning.export import default_max_length
-        from umd_lightning.models.text import load_tokenizer
-
+    def __init__(self, model: Any, max_length: int | None = None) -> None:
         self.model = model.eval()
-        hp = model.hparams
-        if hp.task == "retrieval":
-            raise ValueError("Predictor answers VQA and classification models; use `umd predict` for retrieval")
-        self.tokenizer = load_tokenizer(model.backbone_config.text.name_or_path)
-        self.transform = image_transform(model.backbone_config.image_size, train=False)
-        self.max_length = max_length if max_length is not None else default_max_length(hp.task)
+        self.tokenizer = model.tokenizer
+        self.transform = model.transform
+        self.max_length = max_length if max_length is not None else model.max_text_length
         limit = model.backbone.text.max_positions
         if limit is not None:
             check_range("Predictor max_length", self.max_length, low=1, high=limit)
@@ -143,46 +136,22 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> Predictor:
         """Load a fine-tuning checkpoint with ``torch.load(weights_only=True)``."""
-        from umd_lightning.stages.finetune import FineTune
+        from umd_lightning.hub import UMDInferenceModel
 
-        model = FineTune.load_from_checkpoint(str(path), map_location=map_location, pretrained=None, weights_only=True)
-        return cls(model)
+        return cls(UMDInferenceModel.from_checkpoint(path).to(map_location))
 
     @classmethod
-    def from_export(cls, out_dir: str | Path, map_location: str = "cpu") -> Predictor:
-        """Load a folder written by :func:`umd_lightning.export.export_model` (safetensors and JSON only).
+    def from_export(cls, folder: str | Path, map_location: str = "cpu") -> Predictor:
+        """Load a folder written by ``save_pretrained`` / ``python -m umd_lightning.export`` (safetensors and JSON
+        only), or a hub id with network access.
 
         Raises:
-            ValueError: the export is not of a fine-tuned model.
+            ExportError: a folder of the old export format, a missing or damaged file, or answers that do not
+                match the weights (one line naming the file).
         """
-        from safetensors.torch import load_file
+        from umd_lightning.hub import UMDInferenceModel
 
-        from umd_lightning.export import TEXT_FOLDER, WEIGHTS_FILE, read_export_config
-        from umd_lightning.stages.finetune import FineTune
-
-        folder = Path(out_dir)
-        config = read_export_config(folder)
-        if config["stage"] != "finetune":
-            raise ValueError(f"{folder} holds a {config['stage']} model; Predictor needs a fine-tuned one")
-        backbone = config["backbone"]
-        backbone["text"]["name_or_path"] = str(folder / TEXT_FOLDER)
-        # Every field of the saved backbone config overrides the preset's, so the architecture is the saved one.
-        overrides = {
-            f"{section}.{key}": value
-            for section in ("vision", "text", "fusion", "decoder")
-            for key, value in backbone[section].items()
-        }
-        overrides["image_size"] = backbone["image_size"]
-        model = FineTune(
-            preset=config.get("preset") or "tiny",
-            backbone_overrides=overrides,
-            task=config["task"],
-            num_outputs=config["num_outputs"],
-            labels=config["labels"],
-            leak_notes=config.get("leak_notes"),
-        )
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)), strict=True)
-        return cls(model.to(map_location), max_length=config["max_text_length"])
+        return cls(UMDInferenceModel.from_pretrained(str(folder), map_location=map_location))
 
     @torch.no_grad()
     def predict(self, image: str | Path, text: str, top_k: int = TOP_ANSWERS) -> list[tuple[str, float]]:
@@ -190,14 +159,12 @@ class Predictor:
         from umd_lightning.data.common import load_image
 
         check_range("top_k", top_k, low=1)
-        pixels = self.transform(load_image(image)).unsqueeze(0).to(self.model.device)
+        device = next(self.model.parameters()).device
+        pixels = self.transform(load_image(image)).unsqueeze(0).to(device)
         tokens = self.tokenizer([text], truncation=True, max_length=self.max_length, return_tensors="pt")
-        logits = self.model(
-            pixels, tokens["input_ids"].to(self.model.device), tokens["attention_mask"].to(self.model.device)
-        )[0].float()
-        probabilities = logits.sigmoid() if self.model.hparams.task == "vqa" else logits.softmax(-1)
-        labels = self.model.hparams.labels or [str(i) for i in range(logits.shape[-1])]
+        logits = self.model(pixels, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))[0].float()
+        probabilities = logits.sigmoid() if self.model.task == "vqa" else logits.softmax(-1)
         top = probabilities.topk(min(top_k, probabilities.shape[-1]))
-        return [(labels[j], float(p)) for p, j in zip(top.values, top.indices)]
+        return [(self.model.labels[j], float(p)) for p, j in zip(top.values, top.indices)]
 
     answer = predict

@@ -1,18 +1,23 @@
 """Reading weights without running pickled code (no Lightning import: the models use it too).
 
-:func:`read_weights` reads ``.safetensors`` files with safetensors and anything else with
+:func:`read_weights` reads ``.safetensors`` files with safetensors, TorchScript archives (OpenAI's CLIP files such
+as ``ViT-B-16.pt``) with :func:`read_torchscript_state_dict`, and anything else with
 ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused unless the caller opts in with
 ``trust_pickle=True`` or the environment variable ``UMD_TRUST_PICKLE=1``.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import Tensor
 
 TRUST_PICKLE_ENV = "UMD_TRUST_PICKLE"
 """Set to ``1`` to let :func:`read_weights` unpickle files that ``weights_only`` refuses (trusted files only)."""
@@ -46,6 +51,8 @@ def read_weights(path: str | Path, trust_pickle: bool | None = None) -> Any:
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         return load_file(str(path), device="cpu")
+    if torchscript_root(path) is not None:
+        return read_torchscript_state_dict(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError and others, for globals outside the weights-only allow-list
@@ -57,3 +64,84 @@ def read_weights(path: str | Path, trust_pickle: bool | None = None) -> Any:
                 "trust_pickle=True), or re-save its state_dict with torch.save / as .safetensors"
             ) from exc
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+_STORAGE_DTYPES = {
+    "HalfStorage": torch.float16,
+    "FloatStorage": torch.float32,
+    "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def torchscript_root(path: str | Path) -> str | None:
+    """The archive folder of a TorchScript file (a zip with ``<root>/data.pkl`` and ``<root>/code/``), else ``None``."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    roots = {name.split("/")[0] for name in names if name.count("/") == 1 and name.endswith("/data.pkl")}
+    return next((root for root in roots if any(n.startswith(f"{root}/code/") for n in names)), None)
+
+
+class _ScriptModule:
+    """Stands in for a pickled TorchScript module: its attributes are set from the pickle, no code runs."""
+
+
+def _rebuild_tensor(storage: Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> Tensor:
+    return torch.as_strided(storage, size, stride, offset).clone()
+
+
+def read_torchscript_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a TorchScript archive under their module paths (``visual.conv1.weight`` ...), read without
+    ``torch.jit.load``.
+
+    A TorchScript file holds compiled code beside a pickle of the module tree. Loading it with ``torch.jit.load``
+    would compile and keep that code; here only the pickle is read, by an unpickler that knows three things:
+    TorchScript module classes (``__torch__.*``, replaced by an inert attribute holder), tensor rebuilding and
+    ``OrderedDict``. Any other global is refused, so nothing from the file is ever executed.
+
+    Raises:
+        pickle.UnpicklingError: the pickle refers to anything else (named in the message).
+    """
+    root = torchscript_root(path)
+    if root is None:
+        raise ValueError(f"{path} is not a TorchScript archive")
+    with zipfile.ZipFile(path) as archive:
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                if module == "__torch__" or module.startswith("__torch__."):
+                    return _ScriptModule
+                if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                    return _rebuild_tensor
+                if (module, name) == ("collections", "OrderedDict"):
+                    return collections.OrderedDict
+                if module == "torch" and name in _STORAGE_DTYPES:
+                    return _STORAGE_DTYPES[name]
+                raise pickle.UnpicklingError(f"{path}: the TorchScript pickle refers to {module}.{name}, refused")
+
+            def persistent_load(self, pid: Any) -> Tensor:
+                _kind, dtype, key, _location, _numel = pid
+                data = bytearray(archive.read(f"{root}/data/{key}"))
+                return torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+
+        with archive.open(f"{root}/data.pkl") as handle:
+            tree = Unpickler(handle).load()
+    state: dict[str, Tensor] = {}
+
+    def walk(node: _ScriptModule, prefix: str) -> None:
+        for name, value in vars(node).items():
+            if isinstance(value, Tensor):
+                state[prefix + name] = value
+            elif isinstance(value, _ScriptModule):
+                walk(value, f"{prefix}{name}.")
+
+    walk(tree, "")
+    return state

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from umd_lightning.errors import ConfigError
 from umd_lightning.models.config import BackboneConfig
 from umd_lightning.models.fusion import FusionEncoder, init_new_weights
 from umd_lightning.models.text import TextTower
@@ -49,14 +51,24 @@ class BackboneOutput:
 
 
 class Pooler(nn.Module):
-    """Linear + tanh on the first token: (B, L, D) -> (B, D)."""
+    """Linear + tanh on the first token, or on the mean of all tokens: (B, L, D) -> (B, D).
 
-    def __init__(self, width: int) -> None:
+    Args:
+        width: ``D``.
+        mode: ``first`` (UMD_SPEC 1.1) or ``mean``: every token counts, text padding included, as in the
+            reference's TD-Calib and fine-tuning code.
+    """
+
+    def __init__(self, width: int, mode: Literal["first", "mean"] = "first") -> None:
         super().__init__()
+        if mode not in ("first", "mean"):
+            raise ConfigError(f"pooling must be 'first' or 'mean', got {mode!r}")
+        self.mode = mode
         self.linear = nn.Linear(width, width)
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return torch.tanh(self.linear(tokens[:, 0]))
+        summary = tokens[:, 0] if self.mode == "first" else tokens.mean(dim=1)
+        return torch.tanh(self.linear(summary))
 
 
 class UMDBackbone(nn.Module):
@@ -80,8 +92,8 @@ class UMDBackbone(nn.Module):
         self.image_proj = nn.Linear(self.vision.width, self.width)
         self.type_embed = nn.Embedding(2, self.width)
         self.fusion = FusionEncoder(cfg.fusion)
-        self.text_pooler = Pooler(self.width)
-        self.image_pooler = Pooler(self.width)
+        self.text_pooler = Pooler(self.width, cfg.pooling)
+        self.image_pooler = Pooler(self.width, cfg.pooling)
         for module in (self.text_proj, self.image_proj, self.type_embed, self.text_pooler, self.image_pooler):
             module.apply(init_new_weights)
 

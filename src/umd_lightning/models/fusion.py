@@ -83,9 +83,9 @@ class CoAttentionLayer(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(cfg.width, cfg.ffn), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn, cfg.width)
         )
-        self.self_norm = nn.LayerNorm(cfg.width)
-        self.cross_norm = nn.LayerNorm(cfg.width)
-        self.ffn_norm = nn.LayerNorm(cfg.width)
+        self.self_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.cross_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
+        self.ffn_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(init_new_weights)
 

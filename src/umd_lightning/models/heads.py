@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from timm.layers import get_act_layer
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -10,10 +13,17 @@ from umd_lightning.models.config import DecoderConfig
 from umd_lightning.models.fusion import init_new_weights
 
 
-def sincos_pos_embed_2d(dim: int, grid_hw: tuple[int, int]) -> Tensor:
-    """Fixed 2-D sine-cosine position embeddings (MAE): the first half of the channels encodes the row, the
-    second half the column, each as ``[sin(pos * omega), cos(pos * omega)]``,
-    ``omega_i = 10000^(-i / (dim/4))``.
+def sincos_pos_embed_2d(
+    dim: int, grid_hw: tuple[int, int], layout: Literal["row_first", "column_first"] = "row_first"
+) -> Tensor:
+    """Fixed 2-D sine-cosine position embeddings: one half of the channels encodes the patch row, the other the
+    column, each as ``[sin(pos * omega), cos(pos * omega)]``, ``omega_i = 10000^(-i / (dim/4))``.
+
+    Args:
+        dim: channels, a multiple of 4.
+        grid_hw: the patch grid ``(h, w)``.
+        layout: ``row_first`` (the row in the first half) or ``column_first`` (MAE's
+            ``get_2d_sincos_pos_embed`` and the UMD reference: the column in the first half).
 
     Returns:
         (h*w, dim), row-major over the grid.
@@ -26,7 +36,8 @@ def sincos_pos_embed_2d(dim: int, grid_hw: tuple[int, int]) -> Tensor:
         torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
     )
     parts = []
-    for pos in (rows.reshape(-1), cols.reshape(-1)):
+    axes = (rows, cols) if layout == "row_first" else (cols, rows)
+    for pos in (axis.reshape(-1) for axis in axes):
         angles = pos[:, None] * omega[None, :]
         parts += [angles.sin(), angles.cos()]
     return torch.cat(parts, dim=1).float()
@@ -37,7 +48,7 @@ class MIMDecoder(nn.Module):
 
     The kept patches' tokens (after ``embed``) are put back at their grid positions, the masked positions get
     the learned mask token, fixed 2-D sine-cosine position embeddings are added (zeros for the class token),
-    then the blocks, a norm and two output Linears run.
+    then the pre-norm blocks (``cfg.act`` in their MLP), a norm and two output Linears run.
 
     Args:
         in_dim: width of the image stream fed in (the fusion width ``D``).
@@ -49,10 +60,13 @@ class MIMDecoder(nn.Module):
     def __init__(self, in_dim: int, cfg: DecoderConfig, patch_size: int, feature_dim: int) -> None:
         super().__init__()
         self.width = cfg.width
+        self.pos_embed_layout = cfg.pos_embed
         self.embed = nn.Linear(in_dim, cfg.width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        act_layer = get_act_layer(cfg.act)
         self.blocks = nn.ModuleList(
-            Block(cfg.width, cfg.heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(cfg.depth)
+            Block(cfg.width, cfg.heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm, act_layer=act_layer)
+            for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(cfg.width)
         self.pixel_out = nn.Linear(cfg.width, patch_size * patch_size * 3)
@@ -90,7 +104,7 @@ class MIMDecoder(nn.Module):
         """
         num_patches = grid_hw[0] * grid_hw[1]
         x = self.insert_mask_tokens(self.embed(tokens), keep_indices, num_patches)
-        pos = sincos_pos_embed_2d(self.width, grid_hw).to(device=x.device, dtype=x.dtype)
+        pos = sincos_pos_embed_2d(self.width, grid_hw, self.pos_embed_layout).to(device=x.device, dtype=x.dtype)
         x = x + torch.cat([pos.new_zeros(1, self.width), pos], dim=0)
         for block in self.blocks:
             x = block(x)
@@ -99,14 +113,15 @@ class MIMDecoder(nn.Module):
 
 
 class MLMHead(nn.Module):
-    """BERT-style MLM head: Linear + GELU + LayerNorm, then Linear to the vocabulary (with bias).
+    """BERT-style MLM head: Linear + GELU + LayerNorm (epsilon ``norm_eps``), then Linear to the vocabulary (with
+    bias).
 
     ``forward``: (..., width) -> (..., vocab_size) logits.
     """
 
-    def __init__(self, width: int, vocab_size: int) -> None:
+    def __init__(self, width: int, vocab_size: int, norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
+        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=norm_eps))
         self.decoder = nn.Linear(width, vocab_size)
         self.apply(init_new_weights)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,15 @@ from torch import Tensor, nn
 from umd_lightning.models.config import VisionConfig
 from umd_lightning.weights import read_weights
 
+log = logging.getLogger("umd_lightning")
+
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
     """Read a weights file without executing pickled code.
 
-    ``.safetensors`` files go through safetensors; anything else through ``torch.load(weights_only=True)``,
-    which refuses checkpoints holding arbitrary Python objects. A state dict nested under ``"state_dict"`` or
+    ``.safetensors`` files go through safetensors, TorchScript archives (OpenAI's ``ViT-B-16.pt``) through a
+    restricted reader of their pickle, anything else through ``torch.load(weights_only=True)``, which refuses
+    checkpoints holding arbitrary Python objects. A state dict nested under ``"state_dict"`` or
     ``"model"`` is unwrapped.
 
     Raises:
@@ -83,16 +88,26 @@ class VisionTower(nn.Module):
             self.load_pretrained(cfg.pretrained_path)
 
     def load_pretrained(self, path: str | Path) -> None:
-        """Load a local timm ViT checkpoint, resampling its position embedding to this tower's grid.
+        """Load local ViT weights: a timm checkpoint, an open_clip one or OpenAI's CLIP file, resampling the
+        position embedding to this tower's grid.
 
         timm's own filter converts OpenAI/OpenCLIP layouts and a patch embedding of another size; the
-        classifier head, absent from the tower, is dropped.
+        classifier head (CLIP's ``proj``), absent from the tower, is dropped. Blocks beyond the tower's depth are
+        dropped with a log line: the reference's CLIP builds 11 of the OpenAI file's 12 blocks.
 
         Raises:
             RuntimeError: tower weights missing from the checkpoint, or keys the tower does not have.
         """
         state = checkpoint_filter_fn(load_checkpoint_file(path), self.vit)
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        depth = len(self.vit.blocks)
+        blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+        if blocks and max(blocks) >= depth:
+            log.info(f"{path}: the tower keeps the first {depth} of the file's {max(blocks) + 1} blocks")
+        state = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith("head.") and not ((m := re.match(r"blocks\.(\d+)\.", k)) and int(m.group(1)) >= depth)
+        }
         self.vit.load_state_dict(state, strict=True)
 
     def grid_size(self, image_size: int | tuple[int, int]) -> tuple[int, int]:

@@ -3,6 +3,7 @@ decay, loading a previous stage's weights with an exact key check, and a guard a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,27 @@ from umd_lightning.runs import resolve_pretrained
 from umd_lightning.weights import UntrustedPickleError, read_weights
 
 Schedule = Literal["linear", "cosine"]
+
+log = logging.getLogger("umd_lightning")
+
+
+def random_towers_warning(preset_name: str, cfg: BackboneConfig) -> str | None:
+    """The one-line warning for a ``base`` run whose towers start from random weights, else ``None``."""
+    if preset_name != "base":
+        return None
+    random = []
+    if not (cfg.vision.pretrained_path or cfg.vision.pretrained_hub):
+        random.append("vision")
+    if not cfg.text.pretrained:
+        random.append("text")
+    if not random:
+        return None
+    return (
+        f"[umd] preset 'base': the {' and '.join(random)} tower{'s' if len(random) > 1 else ''} start"
+        f"{'' if len(random) > 1 else 's'} from random weights; give OpenAI CLIP ViT-B/16 weights with "
+        "`backbone_overrides: {vision.pretrained_path: ViT-B-16.pt}` (or vision.pretrained_hub: true online), "
+        "text.pretrained: true for RoBERTa, or `pretrained:` a checkpoint (`umd convert` makes one from the authors')"
+    )
 
 
 class StageError(ConfigError):
@@ -204,6 +226,10 @@ class UMDStage(pl.LightningModule):
         if self._trainer is None or self._pretrained_loaded or self.trainer.state.fn != "fit":
             return
         self._pretrained_loaded = True
+        if self.trainer.ckpt_path is None and not self.hparams.pretrained:
+            warning = random_towers_warning(self.hparams.preset, self.backbone_config)
+            if warning is not None and self.global_rank == 0:
+                log.warning(warning)
         if self.hparams.pretrained and self.trainer.ckpt_path is None:
             path = resolve_pretrained(self.hparams.pretrained)
             left_out, not_loaded = self.load_pretrained(path)

@@ -6,6 +6,7 @@ set up, and are saved in the checkpoint's hyper-parameters so a fine-tuned model
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -53,6 +54,8 @@ class FineTune(UMDStage):
         num_outputs: answers or classes (``None``: from the DataModule; unused for retrieval).
         labels: answer or class names, in output order (``None``: from the DataModule; saved for prediction).
         leak_notes: what makes this run's evaluation leaky (filled from the DataModule; printed with results).
+        data_card: the data set, vocabulary and validation policies, text length and seeds of the run (filled
+            from the DataModule; read by the exported model card).
         text_chunk: captions fused per forward pass when scoring retrieval (memory vs speed).
         lr: base learning rate (reference 5e-6).
         lr_mult: multiplier for the fusion layers, projections, poolers (reference 5).
@@ -70,6 +73,7 @@ class FineTune(UMDStage):
         num_outputs: int | None = None,
         labels: list[str] | None = None,
         leak_notes: list[str] | None = None,
+        data_card: dict[str, Any] | None = None,
         text_chunk: int = 256,
         lr: float = 5e-6,
         lr_mult: float = 5.0,
@@ -123,6 +127,14 @@ class FineTune(UMDStage):
                 num_outputs=datamodule.num_outputs,
                 labels=datamodule.labels,
                 leak_notes=list(datamodule.leak_notes),
+                data_card={
+                    "dataset": getattr(datamodule, "dataset", None),
+                    "vocab": getattr(datamodule, "vocab", None),
+                    "validation": getattr(datamodule, "validation", None),
+                    "max_text_length": getattr(datamodule, "max_text_length", None),
+                    "data_seed": getattr(datamodule, "seed", None),
+                    "seed": os.environ.get("PL_GLOBAL_SEED"),
+                },
             )
             self._build_task(task, datamodule.num_outputs, datamodule.labels)
         else:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from torch import Tensor
+
+from umd_lightning.stages.base import StageError
 from umd_lightning.stages.reconstruction import FeatureLoss, MaskMode, ReconstructionStage
+
+TEACHER_KEYS = "teacher.module."
 
 
 class MRPretrain(ReconstructionStage):
     """MR-Pretrain with the reference weights: ``L = L_ITM + 0.5 * (L_MIM + L_MLM + L_FeaMIM + L_FeaMLM)``.
+
+    Started from a pre-training checkpoint (``pretrained``) that carries an EMA teacher (ours, or the reference's
+    ``ema.module.`` converted by ``umd convert``), the teacher continues from the saved one instead of a copy of
+    the student.
 
     Args:
         mask_ratio_image: fraction of patches masked per sample.
@@ -55,6 +65,28 @@ class MRPretrain(ReconstructionStage):
             **kwargs,
         )
 
+        self._teacher_from_checkpoint = False
+
     def pretrained_prefixes(self) -> tuple[str, ...]:
         built = {"itm_head.": self.itm_head, "feamlm_predictor.": self.feamlm_predictor}
         return ("backbone.", "mim_decoder.", "mlm_head.", *(prefix for prefix, module in built.items() if module))
+
+    def init_from_pretrained(self, source: Mapping[str, Tensor]) -> None:
+        """Carry the checkpoint's EMA teacher, when it has one and this run uses a teacher.
+
+        Raises:
+            StageError: the saved teacher does not fit this run's backbone.
+        """
+        saved = {k.removeprefix(TEACHER_KEYS): v for k, v in source.items() if k.startswith(TEACHER_KEYS)}
+        if self.teacher is None or not saved:
+            return
+        try:
+            self.teacher.module.load_state_dict(saved, strict=True)
+        except RuntimeError as exc:
+            first_line = str(exc).strip().splitlines()[0]
+            raise StageError(f"the checkpoint's EMA teacher does not fit this backbone: {first_line}") from None
+        self._teacher_from_checkpoint = True
+
+    def on_fit_start(self) -> None:
+        if not self._teacher_from_checkpoint:
+            super().on_fit_start()

@@ -102,7 +102,7 @@ class ReconstructionStage(UMDStage):
         cfg = self.backbone_config
         width = self.backbone.width
         self.mim_decoder = MIMDecoder(width, cfg.decoder, cfg.vision.patch_size, feature_dim=width)
-        self.mlm_head = MLMHead(width, self.backbone.text.vocab_size)
+        self.mlm_head = MLMHead(width, self.backbone.text.vocab_size, cfg.fusion.norm_eps)
         self.itm_head = ITMHead(2 * width) if w_itm > 0 or self.carries_itm_head else None
         uses_features = w_feamim > 0 or w_feamlm > 0
         self.feamlm_predictor = FeaturePredictor(width) if w_feamlm > 0 else None
