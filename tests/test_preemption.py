@@ -1,0 +1,71 @@
+"""Pre-emption: SIGTERM (a scheduler, ``docker stop``) or Ctrl-C (SIGINT) during ``umd fit`` saves a resumable
+``last.ckpt`` and exits 143 / 130, single-process and under 2-process DDP, and the README's resume command then
+ends with exactly the weights of an uninterrupted run.
+
+The signal is real: :class:`pipeline_helpers.SignalAtStep` makes rank 0 send it to itself right before a given
+optimiser step, as an outside ``kill`` would.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+from test_resume import STEPS, assert_same_training_state, load, pretrain_config, umd_fit, write_config
+
+SIGNAL_AT = 5
+"""Signalled before step 6 runs: that step completes, then the run stops and saves step 6 (checkpoints every 2
+steps would otherwise hold step 4 only)."""
+
+
+def signalled_config(run_dir: Path, signum: int, ddp: bool = False) -> Path:
+    path = write_config(run_dir, pretrain_config(run_dir), kill_at=None)
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"] = [
+        {"class_path": "pipeline_helpers.SignalAtStep", "init_args": {"step": SIGNAL_AT, "signum": int(signum)}}
+    ]
+    if ddp:
+        config["trainer"].update(devices=2, strategy="ddp")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def resumable(path: Path) -> None:
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"] = []
+    path.write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_exits_non_zero_and_resumes_exactly(tmp_path: Path, signum: int, code: int) -> None:
+    reference = umd_fit(write_config(tmp_path / "reference", pretrain_config(tmp_path), kill_at=None))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    config = signalled_config(tmp_path / "stopped", signum)
+    stopped = umd_fit(config)
+    assert stopped.returncode == code, stopped.stderr[-3000:]
+    last = tmp_path / "stopped" / "ckpt" / "last.ckpt"
+    assert f"{signal.Signals(signum).name} at step {SIGNAL_AT + 1}: saved {last}" in stopped.stderr
+    assert load(last)["global_step"] == SIGNAL_AT + 1
+
+    resumable(config)
+    resumed = umd_fit(config, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training_state(load(last), load(tmp_path / "reference" / "ckpt" / "last.ckpt"))
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_stops_every_rank_and_resumes(tmp_path: Path) -> None:
+    config = signalled_config(tmp_path / "stopped", signal.SIGTERM, ddp=True)
+    stopped = umd_fit(config)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    last = tmp_path / "stopped" / "ckpt" / "last.ckpt"
+    assert load(last)["global_step"] == SIGNAL_AT + 1
+
+    resumable(config)
+    resumed = umd_fit(config, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load(last)["global_step"] == STEPS
