@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -180,13 +180,40 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
 
+class EvaluationSampler(DistributedSampler):
+    """An evaluation split dealt round-robin to the ranks without repeats, so a metric counts every sample once
+    (Lightning's own sampler pads the ranks to equal length with repeated samples: VQA-RAD's 451 test questions
+    became 452 on 2 ranks). Ranks may then hold one sample more or less.
+
+    A split smaller than the number of ranks is padded instead (every rank must run at least one batch, or the
+    ranks' end-of-epoch metric reductions would not match), with a warning that some samples count twice.
+    """
+
+    def __init__(self, dataset: Sized) -> None:
+        super().__init__(dataset, shuffle=False)  # type: ignore[arg-type]  # only len() is used
+        self.unpadded = len(dataset) >= self.num_replicas
+        if self.unpadded:
+            self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))
+            self.total_size = len(dataset)
+        elif self.rank == 0:
+            warnings.warn(
+                f"an evaluation split of {len(dataset)} samples on {self.num_replicas} processes: some samples are "
+                "scored twice (every process needs one)",
+                stacklevel=2,
+            )
+
+    def __iter__(self) -> Iterator[int]:
+        if self.unpadded:
+            return iter(range(self.rank, self.total_size, self.num_replicas))
+        return super().__iter__()
+
+
 def make_loader(dataset: Dataset, *, train: bool, seed: int, **kwargs: Any) -> DataLoader:
     """The DataModules' loader: a shuffled :class:`ResumableDataLoader` for training, else a ``DataLoader`` in
     dataset order.
 
-    Under DDP an evaluation loader deals the split to the ranks without padding (Lightning's own sampler repeats
-    samples to even the ranks out, so a metric would count them twice): every sample is scored once, whatever the
-    number of ranks; ranks may then see one batch more or less.
+    Under DDP an evaluation loader deals the split to the ranks without padding (:class:`EvaluationSampler`):
+    every sample is scored once, whatever the number of ranks.
 
     Args:
         dataset: the split.
@@ -197,5 +224,5 @@ def make_loader(dataset: Dataset, *, train: bool, seed: int, **kwargs: Any) -> D
     if train:
         return ResumableDataLoader(dataset, shuffle=True, seed=seed, **kwargs)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        kwargs["sampler"] = UnrepeatedDistributedSampler(dataset, shuffle=False)  # type: ignore[arg-type]
+        kwargs["sampler"] = EvaluationSampler(dataset)  # type: ignore[arg-type]
     return DataLoader(dataset, shuffle=False, **kwargs)
