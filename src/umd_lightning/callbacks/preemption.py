@@ -2,10 +2,10 @@
 and ends the run with a non-zero status, so ``umd fit ... && <next stage>`` stops and a resubmitted job resumes
 with ``--ckpt_path last``.
 
-Lightning already turns SIGTERM into a ``SIGTERMException`` raised at the next batch boundary, on every rank at the
-same step, but then exits with status 0 and saves nothing. This callback saves the checkpoint in that exception's
-``on_exception`` hook, routes Ctrl-C (SIGINT) through the same batch-boundary path instead of interrupting a step
-half-way, and records the signal so that ``umd`` exits with ``128 + signal`` (143 for SIGTERM, 130 for SIGINT).
+Lightning alone turns SIGTERM into an exit with status 0 that saves nothing, and Ctrl-C into a
+``KeyboardInterrupt`` wherever the step happens to be. :class:`Preemption` stops at the next optimiser-step
+boundary instead, saves ``last.ckpt`` there and records the signal, so that ``umd`` exits with ``128 + signal``
+(143 for SIGTERM, 130 for SIGINT).
 SLURM's own requeue signal (``SIGUSR1`` with ``#SBATCH --signal=SIGUSR1@90``) stays Lightning's: it writes
 ``hpc_ckpt_<n>.ckpt`` in the run folder and requeues the job, which resumes from it.
 """
@@ -34,40 +34,50 @@ def interrupted_by() -> int | None:
 
 
 class Preemption(pl.Callback):
-    """Save ``<checkpoint dirpath>/last.ckpt`` when a fit is stopped by SIGTERM or SIGINT, at a batch boundary.
+    """Save ``<checkpoint dirpath>/last.ckpt`` and stop when a fit receives SIGTERM or SIGINT.
+
+    The signal only sets a flag (a handler must not run collectives or I/O); at the next optimiser-step boundary
+    every rank agrees on it (one all-reduce of a flag under DDP, so a signal that reached rank 0 alone stops them
+    all at the same step), saves the checkpoint the way ``ModelCheckpoint``'s step saves do (so ``--ckpt_path last``
+    resumes exactly) and raises Lightning's ``SIGTERMException`` to end the fit. Lightning's own SIGTERM handler is
+    replaced during training: it broadcasts from inside the signal handler, which can pair with another rank's
+    collective and hang or break the process group.
 
     The ``umd`` command adds it to every run; with a plain ``Trainer`` add it to ``callbacks``.
     """
 
     def __init__(self) -> None:
-        self._previous_sigint: Any = None
-        self._sigint = False
+        self._previous: dict[int, Any] = {}
+        self._signal: int | None = None
+        self._step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sigint = False
+        self._signal = None
+        self._step = trainer.global_step
         if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._on_signal)
 
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        # Lightning's SIGTERM handler asks the loops to stop at the next batch boundary (and, on rank 0, passes the
-        # signal to the other ranks): a KeyboardInterrupt raised mid-step could save a half-updated model.
-        self._sigint = True
-        signal.raise_signal(signal.SIGTERM)
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = self._signal or int(signum)
 
-    def _restore_sigint(self) -> None:
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+    def _restore(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+        self._previous = {}
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_sigint()
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore_sigint()
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._step:  # inside a gradient accumulation: wait for the optimiser step
             return
-        signum = signal.SIGINT if self._sigint else signal.SIGTERM
-        _received.append(int(signum))
+        self._step = trainer.global_step
+        stop = self._signal is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        signum = self._signal or int(signal.SIGTERM)
+        _received.append(signum)
         callback = trainer.checkpoint_callback
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
         path = folder / LAST
@@ -76,6 +86,13 @@ class Preemption(pl.Callback):
             f"[umd] {signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; resume with the same "
             "command and `--ckpt_path last`"
         )
+        raise SIGTERMException
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
 
 
 class FinalCheckpoint(pl.Callback):
