@@ -19,12 +19,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig
 
 from umd_lightning.models.config import resolve_text_model
 from umd_lightning.models.text import load_tokenizer
 from umd_lightning.stages.base import StageError, load_checkpoint_file
+from umd_lightning.vocabulary import VOCABULARY_CHECKSUM_KEY, check_vocabulary, vocabulary_checksum
 
 EXPORT_FORMAT = "umd_lightning.export/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -90,7 +92,8 @@ def export_model(
 
     # safetensors refuses tensors sharing memory (tied weights): store a copy of each.
     tensors = {name: value.detach().cpu().contiguous().clone() for name, value in source["state_dict"].items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt", "umd_stage": stage})
+    metadata = {"format": "pt", "umd_stage": stage, VOCABULARY_CHECKSUM_KEY: vocabulary_checksum(hparams.get("labels"))}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata=metadata)
     config = {
         "format": EXPORT_FORMAT,
         "stage": stage,
@@ -111,19 +114,35 @@ def export_model(
 
 
 def read_export_config(out_dir: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of an export folder.
+    """The ``config.json`` of an export folder, after checking that ``model.safetensors`` opens and was written
+    for the same labels (the vocabulary checksum in its metadata).
 
     Raises:
         FileNotFoundError: no ``config.json`` or ``model.safetensors`` in the folder.
-        ValueError: the folder was written by another exporter or another format version.
+        ValueError: a file that does not parse (named; truncated or edited), a folder written by another exporter
+            or format version, or labels that differ from the weights' (``VocabularyMismatchError``).
     """
     folder = Path(out_dir)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a UMD export: {name} is missing")
-    config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    if config.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{folder / CONFIG_FILE} has format {config.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8-sig"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{config_file} is not valid JSON ({str(exc)[:160]}); export the model again") from exc
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_file} has format {found!r}, expected {EXPORT_FORMAT!r}")
+    try:
+        with safe_open(str(weights_file), framework="pt") as weights:
+            metadata = weights.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(
+            f"{weights_file} is not a readable safetensors file (truncated or corrupt: {exc}); export the model again"
+        ) from exc
+    stored = metadata.get(VOCABULARY_CHECKSUM_KEY)
+    check_vocabulary(config.get("labels"), stored, config=config_file, weights=weights_file)
     return config
 
 
@@ -139,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export_model(args.checkpoint, args.out_dir, args.max_text_length)
-    except StageError as exc:
+    except StageError as exc:  # an unreadable, unsafe or non-UMD checkpoint, named in one line
         parser.exit(2, f"umd export: error: {exc}\n")
     print(f"exported {args.checkpoint} to {out}")
 

@@ -130,53 +130,85 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> Predictor:
-        """Load a fine-tuning checkpoint with ``torch.load(weights_only=True)``."""
+        """Load a fine-tuning checkpoint with ``torch.load(weights_only=True)``.
+
+        Raises:
+            StageError: the file is missing, unreadable, needs full unpickling, or is not a fine-tuning checkpoint
+                (each named in one line).
+        """
+        from umd_lightning.stages.base import StageError, load_checkpoint_file
         from umd_lightning.stages.finetune import FineTune
 
-        model = FineTune.load_from_checkpoint(str(path), map_location=map_location, pretrained=None, weights_only=True)
-        return cls(model)
+        checkpoint = load_checkpoint_file(path)
+        stage = checkpoint.get("umd_stage")
+        if stage != "finetune":
+            kind = f"a {stage}" if stage else "not a UMD"
+            raise StageError(f"{path} is {kind} checkpoint; Predictor needs a finetune one (`umd fit` of FineTune)")
+        # The saved hyper-parameters rebuild the model (Lightning's loader, without reading the file again).
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        model = FineTune(**{**hparams, "pretrained": None})
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+        return cls(model.to(map_location))
 
     @classmethod
     def from_export(cls, out_dir: str | Path, map_location: str = "cpu") -> Predictor:
         """Load a folder written by :func:`umd_lightning.export.export_model` (safetensors and JSON only).
 
         Raises:
-            ValueError: the export is not of a fine-tuned model.
+            ValueError: the export is not of a fine-tuned model, or one of its files is truncated, broken or does
+                not fit the other (the file is named; see :func:`umd_lightning.export.read_export_config`).
         """
         from safetensors.torch import load_file
 
-        from umd_lightning.export import TEXT_FOLDER, WEIGHTS_FILE, read_export_config
+        from umd_lightning.export import CONFIG_FILE, TEXT_FOLDER, WEIGHTS_FILE, read_export_config
         from umd_lightning.stages.finetune import FineTune
 
         folder = Path(out_dir)
         config = read_export_config(folder)
-        if config["stage"] != "finetune":
-            raise ValueError(f"{folder} holds a {config['stage']} model; Predictor needs a fine-tuned one")
-        backbone = config["backbone"]
-        backbone["text"]["name_or_path"] = str(folder / TEXT_FOLDER)
-        # Every field of the saved backbone config overrides the preset's, so the architecture is the saved one.
-        overrides = {
-            f"{section}.{key}": value
-            for section in ("vision", "text", "fusion", "decoder")
-            for key, value in backbone[section].items()
-        }
-        overrides["image_size"] = backbone["image_size"]
+        if config.get("stage") != "finetune":
+            raise ValueError(f"{folder} holds a {config.get('stage')} model; Predictor needs a fine-tuned one")
+        try:
+            backbone = config["backbone"]
+            backbone["text"]["name_or_path"] = str(folder / TEXT_FOLDER)
+            # Every field of the saved backbone config overrides the preset's, so the architecture is the saved one.
+            overrides = {
+                f"{section}.{key}": value
+                for section in ("vision", "text", "fusion", "decoder")
+                for key, value in backbone[section].items()
+            }
+            overrides["image_size"] = backbone["image_size"]
+            task, num_outputs, labels = config["task"], config["num_outputs"], config["labels"]
+            max_length = config["max_text_length"]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{folder / CONFIG_FILE} lacks or mangles field {exc}; export the model again") from exc
         model = FineTune(
             preset=config.get("preset") or "tiny",
             backbone_overrides=overrides,
-            task=config["task"],
-            num_outputs=config["num_outputs"],
-            labels=config["labels"],
+            task=task,
+            num_outputs=num_outputs,
+            labels=labels,
             leak_notes=config.get("leak_notes"),
         )
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE), device=str(map_location)), strict=True)
-        return cls(model.to(map_location), max_length=config["max_text_length"])
+        weights = load_file(str(folder / WEIGHTS_FILE), device=str(map_location))
+        try:
+            model.load_state_dict(weights, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(f"{folder / WEIGHTS_FILE} does not fit {folder / CONFIG_FILE}: {first}") from exc
+        return cls(model.to(map_location), max_length=max_length)
 
     @torch.no_grad()
     def predict(self, image: str | Path, text: str, top_k: int = TOP_ANSWERS) -> list[tuple[str, float]]:
-        """The ``top_k`` answers (or classes) with their probabilities for one image file and a question/caption."""
-        from umd_lightning.data.common import load_image
+        """The ``top_k`` answers (or classes) with their probabilities for one image file and a question/caption.
 
+        Raises:
+            ValueError: ``text`` is not a string with a visible character (a model answers anything, even nothing).
+            DataError: the image is missing or does not decode.
+        """
+        from umd_lightning.data.common import is_visible, load_image
+
+        if not isinstance(text, str) or not is_visible(text):
+            raise ValueError(f"the question/text is empty ({text!r}): give the question to answer")
         pixels = self.transform(load_image(image)).unsqueeze(0).to(self.model.device)
         tokens = self.tokenizer([text], truncation=True, max_length=self.max_length, return_tensors="pt")
         logits = self.model(
