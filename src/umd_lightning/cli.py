@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from umd_lightning.checkpointing import RunFolderGuard
 from umd_lightning.data.common import DataError
 from umd_lightning.errors import ConfigError
 from umd_lightning.predict import JsonlPredictionWriter
@@ -22,11 +23,13 @@ from umd_lightning.stages.base import UMDStage
 
 
 class UMDCLI(LightningCLI):
-    """LightningCLI with the data -> model links every UMD stage needs, TensorBoard logs under ``runs/`` and a
-    ``checkpoint`` section (a ``ModelCheckpoint`` that keeps ``last.ckpt`` for resuming)."""
+    """LightningCLI with the data -> model links every UMD stage needs, TensorBoard logs under ``runs/``, a
+    ``checkpoint`` section (a ``ModelCheckpoint`` that keeps ``last.ckpt`` for resuming) and a ``RunFolderGuard``
+    (output folders writable and the checkpoint folder locked before the first step)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunFolderGuard, "run_guard")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
