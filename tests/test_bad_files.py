@@ -224,6 +224,22 @@ def test_float_tiff_is_scaled_by_its_finite_values_and_the_image_is_counted():
     assert "kept, noted non_finite_pixels: 2" in dataset.report.summary()
 
 
+def test_data_check_lists_the_noted_images_without_calling_them_problems(tmp_path, capsys):
+    from umd_lightning.data.check import main as check_main
+
+    root = tmp_path / "jsonl_images"
+    shutil.copytree(BAD / "jsonl_images", root)
+    rows = [json.loads(line) for line in (root / "data.jsonl").read_text().splitlines()]
+    (root / "data.jsonl").write_text("".join(json.dumps({**row, "split": "train"}) + "\n" for row in rows))
+    source = {"format": "jsonl", "root": str(root / "data.jsonl")}
+    data = {"class_path": "umd_lightning.data.PretrainDataModule", "init_args": {"sources": [source]}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"data": data}))
+    assert check_main(["--config", str(config), "--split", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "kept, noted non_finite_pixels: 2" in out and "float_nan.tif, record float_nan: 1 NaN" in out
+
+
 # ------------------------------------------------------------------------------------------------ defect 5
 def test_numbers_are_one_answer_and_non_finite_ones_are_bad_answers():
     assert normalize_answer(2) == normalize_answer(2.0) == normalize_answer("2.0") == normalize_answer("2") == "2"
