@@ -71,7 +71,7 @@ def make_roco(root: Path, folder: str = "train", lines: list[str] | None = None)
         base / "captions.txt",
         lines
         or [
-            "ROCO_00001\t Axial  CT of the\tchest. ",
+            "ROCO_00001\t Axial  CT of the \u00a0 chest. ",
             "ROCO_00002\t CT chest",
             "",
             "ROCO_00003\tMRI of the brain without contrast",

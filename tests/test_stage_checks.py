@@ -320,3 +320,23 @@ def test_leaky_policies_are_named_in_test_output_results_and_predictions(tmp_pat
     main(["predict", "--config", str(config), *leaky, "--ckpt_path", "best", "--predictions.output", str(predictions)])
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
     assert rows and all(row["leaky"] and "validation is the test set" in row["leak_notes"] for row in rows)
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path):
+    import os
+
+    from umd_lightning.cli import UMDCLI
+
+    folder = tmp_path / "runs" / "pretrain" / "roco"
+    assert UMDCLI._resume_candidate(folder) is None
+    older = fake_checkpoint(folder / "epoch=0-step=4.ckpt", "pretrain")
+    newer = fake_checkpoint(folder / "epoch=1-step=8.ckpt", "pretrain")
+    os.utime(older, (1, 1))
+    (folder / "last.ckpt").write_bytes(b"PK\x03\x04 torn by a full disk")
+    with pytest.warns(UserWarning, match=r"last\.ckpt is missing or unreadable: resuming from .*epoch=1-step=8\.ckpt"):
+        assert UMDCLI._resume_candidate(folder) == newer
+    last = fake_checkpoint(folder / "last.ckpt", "pretrain")
+    assert UMDCLI._resume_candidate(folder) == last
+    hpc = fake_checkpoint(folder / "hpc_ckpt_2.ckpt", "pretrain")  # written by Lightning's SLURM requeue
+    os.utime(last, (1, 1))
+    assert UMDCLI._resume_candidate(folder) == hpc

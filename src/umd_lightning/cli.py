@@ -25,9 +25,10 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from umd_lightning.callbacks.preemption import FinalCheckpoint, Preemption, interrupted_by
+from umd_lightning.checkpointing import RunFolderGuard, newest_readable_checkpoint
 from umd_lightning.data.common import DataError
 from umd_lightning.errors import ConfigError
 from umd_lightning.predict import JsonlPredictionWriter
@@ -46,7 +47,8 @@ from umd_lightning.stages.base import StageError, UMDStage
 
 class UMDCLI(LightningCLI):
     """LightningCLI with the data -> model links every UMD stage needs, one run folder per run (``run_dir``) with
-    TensorBoard logs and a ``checkpoint`` section (a ``ModelCheckpoint`` that keeps ``last.ckpt`` for resuming)."""
+    TensorBoard logs, a ``checkpoint`` section (a ``ModelCheckpoint`` that keeps ``last.ckpt`` for resuming) and a
+    ``RunFolderGuard`` (output folders writable and the checkpoint folder locked before the first step)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -56,6 +58,7 @@ class UMDCLI(LightningCLI):
             help="Folder of this run's checkpoints (last.ckpt, best.ckpt) and logs; default runs/<stage>/<dataset>.",
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunFolderGuard, "run_guard")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -113,8 +116,8 @@ class UMDCLI(LightningCLI):
         if ckpt_path in ("last", "best"):
             name = LAST if ckpt_path == "last" else BEST
             candidate = folder / name
-            if ckpt_path == "last" and not candidate.is_file():
-                candidate = _newest_hpc_checkpoint(folder) or candidate
+            if ckpt_path == "last":
+                candidate = self._resume_candidate(folder) or candidate
             if not candidate.is_file():
                 what = "nothing to resume" if ckpt_path == "last" else "no best checkpoint"
                 hint = "drop --ckpt_path to start a fresh run" if ckpt_path == "last" else "pass a checkpoint file"
@@ -134,6 +137,21 @@ class UMDCLI(LightningCLI):
         self.config_init[subcommand]["ckpt_path"] = ckpt_path
         rank_zero_info(f"[umd] {subcommand}: checkpoint {ckpt_path}")
         return ckpt_path
+
+    @staticmethod
+    def _resume_candidate(folder: Path) -> Path | None:
+        """What ``--ckpt_path last`` resumes: the newer of ``last.ckpt`` and a SLURM requeue checkpoint, or, when
+        ``last.ckpt`` is unreadable (a full disk, a truncated copy), the newest readable checkpoint of the folder."""
+        hpc = _newest_hpc_checkpoint(folder)
+        last = folder / LAST
+        if hpc is not None and (not last.is_file() or hpc.stat().st_mtime > last.stat().st_mtime):
+            return hpc
+        if not last.is_file() and not existing_checkpoints(folder):
+            return None
+        readable = newest_readable_checkpoint(folder)
+        if readable is not None and readable.name != LAST:
+            rank_zero_warn(f"[umd] {last} is missing or unreadable: resuming from {readable}, the newest readable one")
+        return readable
 
     def before_fit(self) -> None:
         ckpt_path = self._resolve_ckpt_path("fit")

@@ -22,7 +22,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import ModelCard, PyTorchModelHubMixin, snapshot_download
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -148,11 +147,24 @@ class UMDInferenceModel(
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, card: Mapping[str, Any] | None = None, max_text_length=None):
-        """Build from a fine-tuning checkpoint (read with ``weights_only=True``)."""
+        """Build from a fine-tuning checkpoint (read with ``weights_only=True``).
+
+        Raises:
+            StageError: the file is missing, unreadable, needs full unpickling, or is not a fine-tuning checkpoint
+                (each named in one line).
+        """
+        from umd_lightning.stages.base import StageError, load_checkpoint_file
         from umd_lightning.stages.finetune import FineTune
 
-        stage = FineTune.load_from_checkpoint(str(path), map_location="cpu", pretrained=None, weights_only=True)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint_file(path)
+        saved_stage = checkpoint.get("umd_stage")
+        if saved_stage != "finetune":
+            kind = f"a {saved_stage}" if saved_stage else "not a UMD"
+            raise StageError(f"{path} is {kind} checkpoint; Predictor needs a finetune one (`umd fit` of FineTune)")
+        # The saved hyper-parameters rebuild the model (Lightning's loader, without reading the file again).
+        hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+        stage = FineTune(**{**hparams, "pretrained": None})
+        stage.load_state_dict(checkpoint["state_dict"], strict=True)
         facts = {"metrics": checkpoint_metrics(checkpoint), "global_step": checkpoint.get("global_step")}
         if "umd_converted_from" in checkpoint:
             facts["converted_from"] = str(checkpoint["umd_converted_from"].get("source"))

@@ -135,7 +135,12 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> Predictor:
-        """Load a fine-tuning checkpoint with ``torch.load(weights_only=True)``."""
+        """Load a fine-tuning checkpoint with ``torch.load(weights_only=True)``.
+
+        Raises:
+            StageError: the file is missing, unreadable, needs full unpickling, or is not a fine-tuning checkpoint
+                (each named in one line).
+        """
         from umd_lightning.hub import UMDInferenceModel
 
         return cls(UMDInferenceModel.from_checkpoint(path).to(map_location))
@@ -155,9 +160,16 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, image: str | Path, text: str, top_k: int = TOP_ANSWERS) -> list[tuple[str, float]]:
-        """The ``top_k`` answers (or classes) with their probabilities for one image file and a question/caption."""
-        from umd_lightning.data.common import load_image
+        """The ``top_k`` answers (or classes) with their probabilities for one image file and a question/caption.
 
+        Raises:
+            ValueError: ``text`` is not a string with a visible character (a model answers anything, even nothing).
+            DataError: the image is missing or does not decode.
+        """
+        from umd_lightning.data.common import is_visible, load_image
+
+        if not isinstance(text, str) or not is_visible(text):
+            raise ValueError(f"the question/text is empty ({text!r}): give the question to answer")
         check_range("top_k", top_k, low=1)
         device = next(self.model.parameters()).device
         pixels = self.transform(load_image(image)).unsqueeze(0).to(device)

@@ -3,19 +3,23 @@
 :func:`read_weights` reads ``.safetensors`` files with safetensors, TorchScript archives (OpenAI's CLIP files such
 as ``ViT-B-16.pt``) with :func:`read_torchscript_state_dict`, and anything else with
 ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused unless the caller opts in with
-``trust_pickle=True`` or the environment variable ``UMD_TRUST_PICKLE=1``.
+``trust_pickle=True`` or the environment variable ``UMD_TRUST_PICKLE=1``. A file that is merely broken (truncated,
+empty, text, not a checkpoint at all) is reported as such, never as a pickle-safety refusal.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import os
 import pickle
+import pickletools
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -25,6 +29,40 @@ TRUST_PICKLE_ENV = "UMD_TRUST_PICKLE"
 
 class UntrustedPickleError(RuntimeError):
     """A weights file holds Python objects that only full unpickling (which can run code) would restore."""
+
+
+class UnreadableWeightsError(RuntimeError):
+    """A weights file is truncated, corrupt or not a weights file at all (no pickle setting would help)."""
+
+
+def unreadable(path: str | Path, exc: BaseException) -> UnreadableWeightsError:
+    """The one-line error for a broken weights file, with the reader's own reason in brackets."""
+    text = str(exc).strip()
+    reason = text.splitlines()[0].split(". ")[0][:160] if text and text != type(exc).__name__ else "ends early"
+    return UnreadableWeightsError(
+        f"{path} is not a readable checkpoint (truncated or corrupt: {type(exc).__name__}: {reason}); "
+        "give an intact file, e.g. another checkpoint of the same run"
+    )
+
+
+def _first_pickle(path: Path) -> bytes:
+    """The pickle stream ``torch.load`` would unpickle first: ``data.pkl`` of a zip checkpoint, else the file."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            return archive.read(names[0]) if names else b""
+    return path.read_bytes()
+
+
+def is_wellformed_pickle(path: Path) -> bool:
+    """Whether the file's (first) pickle stream parses to its end, read opcode by opcode without running any of
+    it: a real pickle of Python objects does, a truncated or random file does not."""
+    try:
+        for _ in pickletools.genops(io.BytesIO(_first_pickle(path))):
+            pass
+    except Exception:  # any parse failure means "not a pickle": ValueError, EOFError, zipfile and UnicodeErrors
+        return False
+    return True
 
 
 def trusts_pickle(trust_pickle: bool | None = None) -> bool:
@@ -45,25 +83,38 @@ def read_weights(path: str | Path, trust_pickle: bool | None = None) -> Any:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         UntrustedPickleError: the file needs full unpickling and it was not allowed (the message says how).
+        UnreadableWeightsError: the file is truncated, corrupt or not a weights file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise unreadable(path, exc) from exc
     if torchscript_root(path) is not None:
         return read_torchscript_state_dict(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError and others, for globals outside the weights-only allow-list
+    except Exception as exc:  # the weights-only refusal is an UnpicklingError; a broken file raises anything
+        if not is_wellformed_pickle(path):
+            raise unreadable(path, exc) from exc
         if not trusts_pickle(trust_pickle):
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            named = [line for line in lines if "Unsupported" in line]
+            reason = (named or lines or [type(exc).__name__])[0]
             raise UntrustedPickleError(
                 f"{path} holds Python objects that torch.load(weights_only=True) refuses ({reason}). Unpickling "
                 f"can run arbitrary code: if you trust the file, set {TRUST_PICKLE_ENV}=1 (or pass "
                 "trust_pickle=True), or re-save its state_dict with torch.save / as .safetensors"
             ) from exc
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        # A well-formed first pickle whose data records are cut short; a class that cannot be imported
+        # (AttributeError, ImportError) is left to say so itself.
+        raise unreadable(path, exc) from exc
 
 
 _STORAGE_DTYPES = {

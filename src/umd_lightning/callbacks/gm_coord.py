@@ -26,12 +26,15 @@ from typing import Any, Literal, Protocol
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from umd_lightning.errors import ConfigError, check_range
 
 UnimodalMode = Literal["reference", "zero_other"]
 Formula = Literal["reference", "relu_shift"]
+ALPHA_WARN_ABOVE = 10.0
+"""An ``alpha`` above this makes the modulation all-or-nothing (tanh saturates); the callback warns once."""
 
 _STD_FLOOR = 1e-8
 """Added to each gradient's std before drawing noise (UMD_SPEC 4.2 step 5): all-zero gradients get a tiny kick."""
@@ -268,6 +271,12 @@ class GMCoord(pl.Callback):
         check_range("GMCoord start_epoch", start_epoch, low=0)
         if end_epoch is not None and end_epoch <= start_epoch:
             raise ConfigError(f"GMCoord end_epoch={end_epoch} must be above start_epoch={start_epoch} (or null)")
+        if alpha > ALPHA_WARN_ABOVE:
+            rank_zero_warn(
+                f"GMCoord alpha={alpha:g}: 1 - tanh(alpha * rho) is about 0 for any rho above {3 / alpha:.2g}, so "
+                "the modality ahead keeps almost none of its gradient and gets only the added noise; the reference "
+                f"uses 0.1 (values above {ALPHA_WARN_ABOVE:g} are rarely meant)"
+            )
         self.alpha = alpha
         self.unimodal: UnimodalMode = unimodal
         self.formula: Formula = formula

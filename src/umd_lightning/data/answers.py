@@ -7,10 +7,12 @@ compare the same strings.
 from __future__ import annotations
 
 import json
+import math
 import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 ARTICLES = frozenset({"a", "an", "the"})
@@ -18,6 +20,15 @@ ARTICLES = frozenset({"a", "an", "the"})
 _PUNCTUATION = re.escape(string.punctuation)
 # A punctuation mark with a digit on both sides belongs to a number ("3.5", "1,000", "10-20") and is kept.
 _PUNCT_OUTSIDE_NUMBERS = re.compile(rf"(?<!\d)[{_PUNCTUATION}]|[{_PUNCTUATION}](?!\d)")
+_DECIMAL = re.compile(r"\d+\.\d+")
+
+
+def _canonical_number(word: str) -> str:
+    """A decimal word without trailing zeros after the point (``2.0`` -> ``2``, ``2.50`` -> ``2.5``); any other
+    word as it is."""
+    if _DECIMAL.fullmatch(word):
+        return word.rstrip("0").rstrip(".")
+    return word
 
 
 def normalize_answer(text: str | int | float) -> str:
@@ -28,15 +39,22 @@ def normalize_answer(text: str | int | float) -> str:
     ``yes``, ``x-ray`` -> ``x ray``); whitespace collapsed; the articles ``a``, ``an``, ``the`` dropped,
     unless the answer is nothing but articles (then it is kept as it is, so no answer normalises to an empty
     string). ``"None"`` -> ``"none"``: a valid answer. Numbers (VQA-RAD stores some answers as JSON integers)
-    become their decimal text. The function is idempotent.
+    become their decimal text, and every decimal number loses its trailing zeros, so ``2``, ``2.0`` and the
+    string ``"2.0"`` are one answer (``2``), as are ``2.50`` and ``2.5``. The function is idempotent.
 
     Raises:
         TypeError: ``text`` is not a string or a number (``None`` and booleans included).
+        ValueError: ``text`` is a NaN or infinite number (JSON's ``NaN`` / ``Infinity`` literals).
     """
     if isinstance(text, bool) or not isinstance(text, str | int | float):
         raise TypeError(f"an answer must be a string or a number, got {text!r}")
+    if isinstance(text, float):
+        if not math.isfinite(text):
+            raise ValueError(f"answer {text!r} is not a finite number")
+        # Whole floats as integers (1e20 -> 100000000000000000000, not "1e+20"), others in plain notation.
+        text = str(int(text)) if text.is_integer() else format(Decimal(repr(text)), "f")
     lowered = str(text).lower().replace("'", "").replace("\u2019", "")
-    words = _PUNCT_OUTSIDE_NUMBERS.sub(" ", lowered).split()
+    words = [_canonical_number(word) for word in _PUNCT_OUTSIDE_NUMBERS.sub(" ", lowered).split()]
     kept = [word for word in words if word not in ARTICLES]
     return " ".join(kept or words)
 

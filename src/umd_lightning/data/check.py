@@ -197,6 +197,9 @@ def format_report(report: ScanReport, indent: str = "  ") -> list[str]:
             continue
         lines.append(f"{indent}  {kind}: {count}")
         lines += [f"{indent}    {message}" for message in report.examples.get(kind, [])]
+    for kind, count in sorted(report.notes.items()):
+        lines.append(f"{indent}  kept, noted {kind}: {count}")
+        lines += [f"{indent}    {message}" for message in report.note_examples.get(kind, [])]
     filtered = {kind: n for kind, n in report.problems.items() if kind in FILTER_KINDS}
     if filtered:
         lines.append(

@@ -7,7 +7,6 @@ training split (:func:`class_names_from`).
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch.utils.data import Dataset
 from umd_lightning.data.common import (
     DataError,
     OnError,
+    RuntimeSkips,
     ScanMode,
     ScanReport,
     check_text,
@@ -30,7 +30,7 @@ from umd_lightning.data.common import (
     scan_images,
     to_rgb,
 )
-from umd_lightning.data.pretrain import parse_medpix_line, read_lines
+from umd_lightning.data.pretrain import parse_medpix_line, read_csv_rows, read_lines
 from umd_lightning.data.vqa import require_files
 
 ClassificationDatasetName = Literal["melinda", "medpix", "medmnist"]
@@ -78,28 +78,22 @@ def melinda_records(
     records: list[Record] = []
     for split, name in files.items():
         file = root / name
-        with file.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in ("figure_file", "caption", label_column) if c not in (reader.fieldnames or [])]
-            if missing:
-                raise DataError(
-                    "missing_column", file, None, f"missing column(s) {missing}; the header has {reader.fieldnames}"
-                )
-            rows = list(enumerate(reader, start=2))
+        _, rows = read_csv_rows(file, ("figure_file", "caption", label_column))
 
         def parse(item: tuple[int, dict[str, str]], file: Path = file, split: str = split) -> Record:
-            line, row = item
-            figure = row["figure_file"]
-            record_id = figure or f"line {line}"
+            number, row = item
+            figure = row.get("figure_file")
+            record_id = figure or f"line {number}"
             return {
                 "id": record_id,
                 "image": safe_join(root / "melinda_images", figure, file=file, record=record_id),
-                "text": check_text(row["caption"], file=file, record=record_id, what="caption"),
-                "label_name": check_text(row[label_column], file=file, record=record_id, what=label_column),
+                "text": check_text(row.get("caption"), file=file, record=record_id, what="caption"),
+                "label_name": check_text(row.get(label_column), file=file, record=record_id, what=label_column),
                 "split": split,
             }
 
-        kept, report = scan(rows, parse, name=f"melinda/{split}", on_error=on_error, progress=False)
+        numbered = list(enumerate(rows, start=2))  # line 1 is the header
+        kept, report = scan(numbered, parse, name=f"melinda/{split}", on_error=on_error, progress=False)
         _report(reports, report)
         records += kept
     return records
@@ -170,7 +164,7 @@ def medmnist_prompt(path: str | Path) -> str:
 
 
 def medmnist_records(path: str | Path, *, prompt: str | None = None) -> list[Record]:
-    """A MedMNIST ``.npz`` file (``{train,val,test}_images`` 28x28 uint8, ``*_labels``), image only.
+    """A MedMNIST ``.npz`` file (``{train,val,test}_images`` N x H x W (x 1 or 3) uint8, ``*_labels``), image only.
 
     Args:
         path: the ``.npz`` file.
@@ -179,22 +173,55 @@ def medmnist_records(path: str | Path, *, prompt: str | None = None) -> list[Rec
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a missing array (named), or multi-label labels (not supported).
+        DataError: (a ``ValueError``) the file is not a readable ``.npz`` archive, an array is missing (named) or
+            has the wrong type or shape, or the labels are multi-label (not supported); the file is named.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"medmnist: {path} is not a file; expected a MedMNIST .npz such as pneumoniamnist.npz")
     text = prompt if prompt is not None else medmnist_prompt(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # numpy and zipfile raise many kinds (ValueError, OSError, BadZipFile, EOFError)
+        raise DataError("bad_annotation", path, None, f"not a readable .npz archive: {str(exc)[:200]}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError("bad_annotation", path, None, "holds a single array, expected a MedMNIST .npz archive")
     records: list[Record] = []
-    with np.load(path) as arrays:
+    with archive as arrays:
         for split in ("train", "val", "test"):
             missing = [key for key in (f"{split}_images", f"{split}_labels") if key not in arrays.files]
             if missing:
-                raise ValueError(f"{path}: missing array(s) {missing}; the file has {arrays.files}")
-            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+                raise DataError("missing_array", path, None, f"missing array(s) {missing}; the file has {arrays.files}")
+            try:
+                images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            except Exception as exc:  # a member cut short or refused (object arrays need pickle)
+                raise DataError("bad_annotation", path, split, f"cannot read its arrays: {str(exc)[:200]}") from exc
+            channels_ok = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))
+            channels_ok = channels_ok and min(images.shape[1:3]) > 0
+            if images.dtype != np.uint8 or not channels_ok:
+                raise DataError(
+                    "bad_annotation",
+                    path,
+                    split,
+                    f"{split}_images is {images.dtype} {images.shape}, expected uint8 N x H x W (x 1 or 3)",
+                )
+            if not np.issubdtype(labels.dtype, np.integer) or labels.ndim == 0 or len(labels) != len(images):
+                raise DataError(
+                    "bad_annotation",
+                    path,
+                    split,
+                    f"{split}_labels is {labels.dtype} {labels.shape}, expected {len(images)} integer labels",
+                )
             labels = labels.reshape(len(labels), -1)
             if labels.shape[1] != 1:
-                raise ValueError(f"{path}: {split}_labels has {labels.shape[1]} columns; multi-label is not supported")
+                raise DataError(
+                    "bad_annotation",
+                    path,
+                    split,
+                    f"{split}_labels has {labels.shape[1]} columns; multi-label is not supported",
+                )
+            if images.ndim == 4 and images.shape[-1] == 1:
+                images = images[..., 0]
             records += [
                 {
                     "id": f"{split}/{i}",
@@ -266,6 +293,8 @@ class ClassificationDataset(Dataset):
         self.labels = [index[record["label_name"]] for record in self.records]
         self.transform = transform
         self.on_error: OnError = on_error
+        self.skips = RuntimeSkips()
+        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -276,7 +305,7 @@ class ClassificationDataset(Dataset):
         if isinstance(image, np.ndarray):
             picture = to_rgb(Image.fromarray(image))
         else:
-            picture = load_scanned_image(image, on_error=self.on_error, record=record["id"])
+            picture = load_scanned_image(image, on_error=self.on_error, record=record["id"], skips=self.skips)
             if picture is None:
                 return None
         return {

@@ -7,16 +7,22 @@ text is a data error; ``on_error="raise"`` (default) fails at set-up naming file
 
 from __future__ import annotations
 
+import gzip
 import logging
 import re
+import unicodedata
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, ImageFile
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import get_worker_info
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -72,25 +78,37 @@ def safe_join(root: str | Path, relative: Any, *, file: str | Path, record: str 
     rel = Path(relative)
     if rel.is_absolute() or relative.startswith(("/", "\\")):
         raise DataError("unsafe_path", file, record, f"absolute image path {relative!r} is not allowed")
-    root = Path(root).resolve()
-    joined = (root / rel).resolve()
+    try:
+        root = Path(root).resolve()
+        joined = (root / rel).resolve()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system, a symlink loop
+        raise DataError("bad_path", file, record, f"image path {relative[:200]!r} is not usable: {exc}") from exc
     if joined != root and root not in joined.parents:
         raise DataError("unsafe_path", file, record, f"image path {relative!r} leaves the data root {root}")
     return joined
 
 
+NON_FINITE_INFO = "umd_non_finite_pixels"
+"""Key of ``Image.info`` where :func:`to_rgb` leaves the number of NaN / infinite pixels of a float image."""
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL image (grayscale, 16-bit, RGBA, LA, palette, CMYK) to 8-bit RGB.
+    """Convert any PIL image (grayscale, 16-bit, float, RGBA, LA, palette, CMYK) to 8-bit RGB.
 
-    16-bit and 32-bit integer images are rescaled by their own range (min-max), transparent pixels are placed on
-    black.
+    16-bit, 32-bit integer and float images are rescaled by the range of their finite values (min-max); NaN and
+    -inf pixels become black, +inf white, and their number is left in ``info["umd_non_finite_pixels"]`` of the
+    result (0 when there are none). Transparent pixels are placed on black.
     """
+    non_finite = 0
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        import numpy as np
-
         array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
+        finite = np.isfinite(array)
+        non_finite = int(array.size - np.count_nonzero(finite))
+        values = array[finite]
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
         scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        scaled[np.isnan(array) | np.isneginf(array)] = 0.0
+        scaled[np.isposinf(array)] = 255.0
         image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -98,7 +116,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    rgb = image.convert("RGB")
+    rgb.info[NON_FINITE_INFO] = non_finite
+    return rgb
 
 
 def _open_image(path: Path, where: str | Path, record: str | int | None, decode: bool) -> Image.Image | None:
@@ -116,12 +136,14 @@ def _open_image(path: Path, where: str | Path, record: str | int | None, decode:
                     image.verify()
                     return None
                 image.load()
-                return to_rgb(image)
+                # Pixels as the file is displayed: a camera's or scanner's EXIF Orientation is applied.
+                return to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError("image_too_large", where, record, f"{path}: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # PIL's decoders raise OSError and SyntaxError, and on fuzzed files almost anything
         verb = "decode" if decode else "read"
-        raise DataError("bad_image", where, record, f"cannot {verb} {path}: {exc}") from exc
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DataError("bad_image", where, record, f"cannot {verb} {path}: {reason}") from exc
 
 
 def load_image(path: str | Path, *, file: str | Path | None = None, record: str | int | None = None) -> Image.Image:
@@ -135,11 +157,40 @@ def load_image(path: str | Path, *, file: str | Path | None = None, record: str 
     return _open_image(path, file if file is not None else path, record, decode=True)
 
 
+class RuntimeSkips:
+    """Samples dropped after the set-up scan (their image stopped decoding), counted exactly across DataLoader
+    worker processes: each process adds to its own slot of a tensor in shared memory, so no two writers share a
+    counter.
+
+    Args:
+        slots: worker slots (worker ``i`` uses slot ``1 + i % slots``; the main process slot 0).
+    """
+
+    def __init__(self, slots: int = 64) -> None:
+        self._counts = torch.zeros(slots + 1, dtype=torch.int64).share_memory_()
+        self._slots = slots
+
+    def add(self) -> None:
+        worker = get_worker_info()
+        self._counts[0 if worker is None else 1 + worker.id % self._slots] += 1
+
+    @property
+    def total(self) -> int:
+        """Samples dropped so far, all processes together."""
+        return int(self._counts.sum())
+
+
 def load_scanned_image(
-    path: str | Path, *, on_error: OnError, record: str | int | None, file: str | Path | None = None
+    path: str | Path,
+    *,
+    on_error: OnError,
+    record: str | int | None,
+    file: str | Path | None = None,
+    skips: RuntimeSkips | None = None,
 ) -> Image.Image | None:
     """Decode an image that passed the set-up scan, for ``__getitem__``: if it no longer decodes (the file changed
-    since), raise under ``on_error="raise"``, else log it and return ``None`` for the collate to drop.
+    since), raise under ``on_error="raise"``, else log it, count it in ``skips`` and return ``None`` for the
+    collate to drop.
 
     Raises:
         DataError: the image no longer decodes and ``on_error == "raise"``.
@@ -149,6 +200,8 @@ def load_scanned_image(
     except DataError as error:
         if on_error == "raise":
             raise
+        if skips is not None:
+            skips.add()
         log.warning("skipping a sample whose image stopped decoding after the scan: %s", error)
         return None
 
@@ -164,15 +217,64 @@ def check_image_header(path: str | Path, *, file: str | Path | None = None, reco
     _open_image(path, file if file is not None else path, record, decode=False)
 
 
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+"""Unicode categories that draw nothing on their own: controls, format characters (zero-width space and joiners,
+byte-order marks, direction marks), separators and combining marks."""
+
+
+def is_visible(text: str) -> bool:
+    """Whether ``text`` has at least one character that shows (not only spaces, zero-width or control ones)."""
+    return any(unicodedata.category(character) not in _INVISIBLE_CATEGORIES for character in text)
+
+
 def check_text(text: Any, *, file: str | Path, record: str | int | None, what: str = "text") -> str:
-    """Return ``text`` stripped, or raise when it is not a non-empty string.
+    """Return ``text`` stripped, or raise when it is not a string with at least one visible character (a text of
+    zero-width spaces is empty).
 
     Raises:
         DataError: kind ``empty_text``.
     """
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or not is_visible(text):
         raise DataError("empty_text", file, record, f"{what} must be a non-empty string, got {text!r}")
     return text.strip()
+
+
+def describe_bad_utf8(data: bytes, error: UnicodeDecodeError) -> str:
+    """Where and what the first invalid UTF-8 byte of ``data`` is, and what to do, in one line."""
+    line = data.count(b"\n", 0, error.start) + 1
+    found = data[error.start : error.end].hex(" ")
+    return f"not valid UTF-8 at byte {error.start} (line {line}: 0x{found}, {error.reason}); re-save the file as UTF-8"
+
+
+def decode_utf8(data: bytes, *, file: str | Path, record: str | int | None = None) -> str:
+    """``data`` decoded as UTF-8, a leading byte-order mark dropped.
+
+    Raises:
+        DataError: kind ``bad_encoding``, naming the file and the byte offset.
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError("bad_encoding", file, record, describe_bad_utf8(data, exc)) from exc
+
+
+def read_text(path: str | Path, *, record: str | int | None = None) -> str:
+    """The whole text of an annotation file (``.gz`` files are decompressed), as UTF-8 with or without a BOM.
+
+    Raises:
+        DataError: ``bad_encoding`` (invalid UTF-8, with the byte offset) or ``bad_annotation`` (unreadable or
+            broken ``.gz`` file), naming the file.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as handle:
+                data = handle.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError("bad_annotation", path, record, f"cannot read the file: {exc}") from exc
+    return decode_utf8(data, file=path, record=record)
 
 
 @dataclass
@@ -186,6 +288,9 @@ class ScanReport:
         problems: count of skipped records by kind.
         examples: the first few ``DataError`` messages of each kind.
         images: distinct image files opened by ``scan_images`` (0 when it did not check images).
+        notes: kept records with something worth knowing, by kind (``non_finite_pixels``: a float image
+            with NaN or infinite pixels, scaled by its finite ones).
+        note_examples: the first few messages of each note kind.
     """
 
     name: str
@@ -194,6 +299,8 @@ class ScanReport:
     images: int = 0
     problems: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    notes: Counter = field(default_factory=Counter)
+    note_examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 3
 
     def add(self, error: DataError) -> None:
@@ -201,6 +308,22 @@ class ScanReport:
         shown = self.examples.setdefault(error.kind, [])
         if len(shown) < self.max_examples:
             shown.append(str(error))
+
+    def note(self, kind: str, message: str) -> None:
+        """Count a kept record under ``kind`` (not a problem: the record is used)."""
+        self.notes[kind] += 1
+        shown = self.note_examples.setdefault(kind, [])
+        if len(shown) < self.max_examples:
+            shown.append(message)
+
+    def note_image(self, image: Image.Image | None, path: Path, record: str | int | None) -> None:
+        """Note a decoded image whose float pixels held NaN or infinite values (see :func:`to_rgb`)."""
+        count = image.info.get(NON_FINITE_INFO, 0) if image is not None else 0
+        if count:
+            self.note(
+                "non_finite_pixels",
+                f"{path}, record {record}: {count} NaN/infinite pixel(s) left out of the intensity scaling",
+            )
 
     @property
     def skipped(self) -> int:
@@ -210,7 +333,32 @@ class ScanReport:
         line = f"{self.name}: {self.read} records read, {self.kept} kept, {self.skipped} skipped"
         for kind, count in sorted(self.problems.items()):
             line += f"\n  {kind}: {count}" + "".join(f"\n    {msg}" for msg in self.examples.get(kind, []))
+        for kind, count in sorted(self.notes.items()):
+            shown = self.note_examples.get(kind, [])
+            line += f"\n  kept, noted {kind}: {count}" + "".join(f"\n    {msg}" for msg in shown)
         return line
+
+
+def require_samples(count: int, reports: Sequence[ScanReport], *, where: str | Path, split: str) -> None:
+    """Stop a run whose ``split`` has no usable sample left, with the counts of the scans that emptied it.
+
+    Raises:
+        DataError: kind ``empty_split`` when ``count == 0``.
+    """
+    if count:
+        return
+    problems: Counter = Counter()
+    for report in reports:
+        problems.update(report.problems)
+    read = sum(report.read for report in reports)
+    found = ", ".join(f"{kind} {n}" for kind, n in sorted(problems.items())) or "nothing"
+    raise DataError(
+        "empty_split",
+        where,
+        None,
+        f"no usable sample in the {split} split after the set-up scan ({read} records read; skipped: {found}); "
+        "fix the files named in the scan report above (`umd data check` lists them) or point to other data",
+    )
 
 
 def scan(
@@ -276,6 +424,7 @@ def scan_images(
         raise ValueError(f"scan must be 'full', 'header' or 'none', got {mode!r}")
     checker = {"full": load_image, "header": check_image_header}.get(mode)
     verdicts: dict[Path, DataError | None] = {}
+    noted = ScanReport(name=name)
 
     def check(record: dict[str, Any]) -> dict[str, Any]:
         path = record[image_key]
@@ -284,7 +433,7 @@ def scan_images(
         path = Path(path)
         if path not in verdicts:
             try:
-                checker(path, record=record[id_key])
+                noted.note_image(checker(path, record=record[id_key]), path, record[id_key])
                 verdicts[path] = None
             except DataError as error:
                 verdicts[path] = error
@@ -295,4 +444,7 @@ def scan_images(
 
     kept, report = scan(records, check, name=name, on_error=on_error, progress=progress)
     report.images = len(verdicts)
+    report.notes, report.note_examples = noted.notes, noted.note_examples
+    if noted.notes:
+        log.warning(report.summary())
     return kept, report

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from umd_lightning.data.collate import PretrainCollator
-from umd_lightning.data.common import OnError, ScanMode
+from umd_lightning.data.common import OnError, ScanMode, require_samples
 from umd_lightning.data.pretrain import PretrainConcatDataset, SourceSpec, build_pretrain_datasets
 from umd_lightning.data.sampler import make_loader, run_seed
 from umd_lightning.data.transforms import image_transform
@@ -117,6 +117,9 @@ class PretrainDataModule(LightningDataModule):
         """
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = self._build("train", train=True)
+            # Training on nothing would end "successfully" with no checkpoint: stop with the scan's counts.
+            where = ", ".join(source.root for source in self.sources)
+            require_samples(len(self.train_dataset), self.train_dataset.reports, where=where, split="train")
             if len(self.train_dataset) < self.batch_size:
                 raise ConfigError(
                     f"the train split has {len(self.train_dataset)} pairs, fewer than data.init_args.batch_size="

@@ -32,7 +32,7 @@ from umd_lightning.data.classification import (
     melinda_records,
 )
 from umd_lightning.data.collate import PretrainCollator
-from umd_lightning.data.common import OnError, ScanMode, ScanReport
+from umd_lightning.data.common import OnError, ScanMode, ScanReport, require_samples
 from umd_lightning.data.datamodule import check_loader_options
 from umd_lightning.data.retrieval import (
     ImageTextPairs,
@@ -182,6 +182,9 @@ class DownstreamDataModule(LightningDataModule):
             for report in getattr(dataset, "reports", []):
                 self.scan_reports.append(report)
                 rank_zero_info(report.summary())
+            if split == "train" and stage == "fit":
+                # Training on nothing would end "successfully" with no checkpoint: stop with the scan's counts.
+                require_samples(len(dataset), getattr(dataset, "reports", []), where=self.root, split=split)
 
     def _collator(self, split: Split) -> Callable[[list[Any]], Any]:
         if self.mode == "calib":
@@ -323,8 +326,8 @@ class VQADataModule(DownstreamDataModule):
         )
         self.scan_reports += reports
         by_split = {split: [r for r in records if r["split"] == split] for split in SPLITS}
-        if not by_split["train"] or not by_split["test"]:
-            raise ValueError(f"{dataset} at {root}: the train and test splits must both be non-empty")
+        for split in ("train", "test"):
+            require_samples(len(by_split[split]), reports, where=root, split=split)
         self.answer_vocab = self._vocabulary(vocab, by_split)
         self.records = self._splits(validation, by_split)
         self.out_of_vocabulary = {

@@ -19,8 +19,8 @@ DATA.md "Pre-training and retrieval" describes each layout. Every dataset:
 from __future__ import annotations
 
 import csv
-import gzip
 import inspect
+import io
 import json
 import logging
 import re
@@ -36,12 +36,15 @@ from torch.utils.data import ConcatDataset, Dataset
 from umd_lightning.data.common import (
     DataError,
     OnError,
+    RuntimeSkips,
     ScanMode,
     ScanReport,
     check_image_header,
     check_text,
+    decode_utf8,
     load_image,
     load_scanned_image,
+    read_text,
     safe_join,
     scan,
 )
@@ -114,18 +117,20 @@ def _clean_text(value: Any, *, file: str | Path, record: str | int | None, what:
     return collapse_whitespace(check_text(value, file=file, record=record, what=what))
 
 
-def check_image(path: Path, mode: ScanMode, *, file: str | Path, record: str | int | None) -> None:
-    """Check one image as deeply as the scan ``mode`` asks (see ``common.ScanMode``).
+def check_image(path: Path, mode: ScanMode, *, file: str | Path, record: str | int | None) -> Any:
+    """Check one image as deeply as the scan ``mode`` asks (see ``common.ScanMode``); the decoded image for
+    ``full``, else ``None``.
 
     Raises:
         DataError: the image is missing or does not open / decode.
     """
     if mode == "full":
-        load_image(path, file=file, record=record)
-    elif mode == "header":
+        return load_image(path, file=file, record=record)
+    if mode == "header":
         check_image_header(path, file=file, record=record)
     elif mode != "none":
         raise ValueError(f"scan must be 'full', 'header' or 'none', got {mode!r}")
+    return None
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -135,24 +140,32 @@ def _require_file(path: Path, what: str) -> Path:
 
 
 def read_lines(path: Path) -> list[tuple[int, bytes]]:
-    """Non-blank lines of a text file as ``(1-based line number, raw bytes)``; decoding happens per record."""
-    with open(path, "rb") as handle:
-        return [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+    """Non-blank lines of a text file as ``(1-based line number, raw bytes)``; decoding happens per record (a
+    byte-order mark before the first line is dropped).
+
+    Raises:
+        DataError: the file cannot be read (kind ``bad_annotation``).
+    """
+    try:
+        with open(path, "rb") as handle:
+            lines = [(number, line) for number, line in enumerate(handle, start=1)]
+    except OSError as exc:
+        raise DataError("bad_annotation", path, None, f"cannot read the file: {exc}") from exc
+    if lines:
+        lines[0] = (1, lines[0][1].removeprefix(b"\xef\xbb\xbf"))
+    return [(number, line) for number, line in lines if line.strip()]
 
 
 def _decode(raw: bytes, *, file: Path, line: int) -> str:
-    try:
-        return raw.decode("utf-8-sig").rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise DataError("bad_encoding", file, f"line {line}", f"not valid UTF-8: {exc}") from exc
+    return decode_utf8(raw, file=file, record=f"line {line}").rstrip("\r\n")
 
 
 def _parse_json_line(raw: bytes, *, file: Path, line: int) -> dict[str, Any]:
     text = _decode(raw, file=file, line=line)
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError("bad_json", file, f"line {line}", f"invalid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an integer of too many digits, deep nesting
+        raise DataError("bad_json", file, f"line {line}", f"invalid JSON: {str(exc)[:200]}") from exc
     if not isinstance(value, dict):
         raise DataError("bad_json", file, f"line {line}", f"expected a JSON object, got {type(value).__name__}")
     return value
@@ -201,6 +214,8 @@ class PairDataset(Dataset):
         self.images: list[ImageRecord] = []
         self.pairs: list[tuple[int, int]] = []
         self.report = ScanReport(name=name)
+        self.skips = RuntimeSkips()
+        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
 
     def _load(self, items: Sequence[Any], make_record: Callable[[Any], ImageRecord]) -> None:
         filtered: Counter = Counter()
@@ -211,13 +226,19 @@ class PairDataset(Dataset):
             except _Filtered as left_out:
                 filtered[left_out.kind] += 1
                 return None
-            check_image(record.path, self.scan_mode, file=record.file, record=record.id)
+            noted.note_image(
+                check_image(record.path, self.scan_mode, file=record.file, record=record.id), record.path, record.id
+            )
             return record
 
+        noted = ScanReport(name=self.name)
         kept, report = scan(items, check, name=self.name, on_error=self.on_error)
         self.images = [record for record in kept if record is not None]
         report.kept = len(self.images)
         report.problems.update(filtered)
+        report.notes, report.note_examples = noted.notes, noted.note_examples
+        if noted.notes:
+            log.warning(report.summary())
         if filtered:
             log.info("after filters: %s", report.summary())
         self.report = report
@@ -236,7 +257,9 @@ class PairDataset(Dataset):
         """
         image_index, text_index = self.pairs[index]
         record = self.images[image_index]
-        image = load_scanned_image(record.path, on_error=self.on_error, file=record.file, record=record.id)
+        image = load_scanned_image(
+            record.path, on_error=self.on_error, file=record.file, record=record.id, skips=self.skips
+        )
         if image is None:
             return None
         if self.transform is not None:
@@ -264,15 +287,24 @@ def roco_captions_file(root: Path, split: str) -> Path:
 
 def parse_roco_line(raw: bytes, *, captions: Path, line: int) -> tuple[str, Path, str]:
     """One ``ROCO_<id>\t<caption>`` line -> ``(id, image path, caption with whitespace collapsed)``; the image is
-    ``images/<id>.jpg`` beside ``captions`` and must stay inside that folder.
+    ``images/<id>.jpg`` beside ``captions`` and must stay inside that folder. A line with a second tab (a third
+    column: keywords, CUIs, a pasted field) is refused rather than glued onto the caption.
 
     Raises:
         DataError: ``bad_encoding``, ``bad_line``, ``empty_text`` or ``unsafe_path``.
     """
-    name, tab, caption = _decode(raw, file=captions, line=line).partition("\t")
-    name = name.strip()
-    if not tab or not name:
+    columns = _decode(raw, file=captions, line=line).split("\t")
+    name = columns[0].strip()
+    if len(columns) < 2 or not name:
         raise DataError("bad_line", captions, f"line {line}", "expected 'ROCO_<id><TAB><caption>'")
+    if len(columns) > 2:
+        raise DataError(
+            "bad_line",
+            captions,
+            f"line {line}",
+            f"{len(columns)} tab-separated columns, expected 2 ('ROCO_<id><TAB><caption>'); remove the extra tab(s)",
+        )
+    caption = columns[1]
     text = _clean_text(caption, file=captions, record=name, what="caption")
     path = safe_join(captions.parent / "images", f"{name}.jpg", file=captions, record=name)
     return name, path, text
@@ -449,14 +481,34 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     Raises:
         DataError: kind ``missing_column``, naming the file and the column (a file defect: always raised).
     """
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        for column in required:
-            if column not in columns:
-                raise DataError("missing_column", path, None, f"required column {column!r} missing (has {columns})")
-        return list(reader)
+    return read_csv_rows(path, required)[1]
+
+
+def read_csv_rows(path: Path, required: Sequence[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of a CSV file (UTF-8 with or without a BOM; ``.gz`` decompressed), after checking that
+    it has the ``required`` columns. A row with more fields than the header keeps them as a list under the key
+    ``None``; a missing field is ``None``.
+
+    Raises:
+        DataError: ``missing_column`` (naming the column), ``bad_encoding`` or ``bad_annotation`` (a line the
+            CSV parser refuses, such as one holding a NUL byte), naming the file; a file defect, always raised.
+    """
+    text = read_text(path)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = list(reader.fieldnames or [])
+        missing = [column for column in required if column not in columns]
+        if missing:
+            raise DataError("missing_column", path, None, f"missing column(s) {missing}; the header has {columns[:20]}")
+        return columns, list(reader)
+    except csv.Error as exc:
+        raise DataError("bad_annotation", path, None, f"not a readable CSV file: {exc}") from exc
+
+
+def _cell(row: dict[str | None, Any], column: str) -> str:
+    """A CSV cell stripped; ``""`` for a field missing from a short row."""
+    value = row.get(column)
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _find_csv(root: Path, name: str) -> Path:
@@ -508,10 +560,10 @@ class MimicCxrDataset(PairDataset):
         metadata_file = _find_csv(root, MIMIC_METADATA)
         split_file = _find_csv(root, MIMIC_SPLIT)
         metadata = {
-            row["dicom_id"]: row
+            _cell(row, "dicom_id"): row
             for row in _read_csv(metadata_file, ("dicom_id", "subject_id", "study_id", "ViewPosition"))
         }
-        items = [row for row in _read_csv(split_file, ("dicom_id", "split")) if row["split"].strip() == canonical]
+        items = [row for row in _read_csv(split_file, ("dicom_id", "split")) if _cell(row, "split") == canonical]
         kept_views = None if views is None else {view.strip() for view in views}
         report_cache: dict[str, str | Exception] = {}
 
@@ -531,23 +583,20 @@ class MimicCxrDataset(PairDataset):
             path = safe_join(report_folder, relative, file=split_file, record=dicom)
             if not path.is_file():
                 raise DataError("missing_report", split_file, dicom, f"report not found: {path}")
-            try:
-                sections = report_sections(path.read_text(encoding="utf-8"))
-            except UnicodeDecodeError as exc:
-                raise DataError("bad_report", path, dicom, f"not valid UTF-8: {exc}") from exc
+            sections = report_sections(read_text(path, record=dicom))
             text = " ".join(part for part in (sections.get("FINDINGS"), sections.get("IMPRESSION")) if part)
             if not text:
                 raise _Filtered("no_findings_impression")
             return text
 
         def make_record(row: dict[str, str]) -> ImageRecord:
-            dicom = row["dicom_id"].strip()
+            dicom = _cell(row, "dicom_id")
             meta = metadata.get(dicom)
             if meta is None:
                 raise DataError("missing_metadata", split_file, dicom, f"dicom_id not in {metadata_file.name}")
-            if kept_views is not None and (meta["ViewPosition"] or "").strip() not in kept_views:
+            if kept_views is not None and _cell(meta, "ViewPosition") not in kept_views:
                 raise _Filtered("other_view")
-            subject, study = meta["subject_id"].strip(), meta["study_id"].strip()
+            subject, study = _cell(meta, "subject_id"), _cell(meta, "study_id")
             if not (subject.isdigit() and len(subject) >= 2 and study.isdigit()):
                 raise DataError("bad_record", metadata_file, dicom, f"bad subject_id {subject!r} / study_id {study!r}")
             text = study_text(subject, study, dicom)
@@ -624,7 +673,12 @@ class MedPixDataset(PairDataset):
         self._load(read_lines(annotations), make_record)
 
 
+JSONL_SPLITS = ("train", *_VAL_ALIASES, "test")
+"""The ``split`` values a JSONL record may carry (compared without case and surrounding spaces)."""
+
+
 def _same_split(value: str, split: str) -> bool:
+    value, split = value.strip().lower(), split.strip().lower()
     if value in _VAL_ALIASES and split in _VAL_ALIASES:
         return True
     return value == split
@@ -638,9 +692,11 @@ class JsonlDataset(PairDataset):
 
     Args:
         path: the JSONL file.
-        split: keep the records whose ``split`` equals it (``val``, ``validation``, ``validate`` and ``dev``
-            are one split); ``None`` keeps every record. With a split, records without a ``split`` field are
-            counted as ``no_split``, and a file where no record has one is an error.
+        split: keep the records whose ``split`` equals it, ignoring case and surrounding spaces (``val``,
+            ``validation``, ``validate`` and ``dev`` are one split); ``None`` keeps every record. With a split,
+            records without a ``split`` field are counted as ``no_split``, a ``split`` that names no known split
+            (``trian``) is a data error (``unknown_split``) reported in every split, and a file where no record
+            has a ``split`` is an error.
         transform: applied to the RGB PIL image.
         on_error: ``raise`` or ``skip`` bad records.
         scan: how deeply images are checked at set-up.
@@ -673,6 +729,7 @@ class JsonlDataset(PairDataset):
                 if not isinstance(record, dict)
                 or "split" not in record
                 or not isinstance(record["split"], str)
+                or record["split"].strip().lower() not in JSONL_SPLITS
                 or _same_split(record["split"], split)
             ]
 
@@ -685,6 +742,13 @@ class JsonlDataset(PairDataset):
                     raise _Filtered("no_split")
                 if not isinstance(record["split"], str):
                     raise DataError("bad_record", annotations, f"line {line}", "field 'split' must be a string")
+                if record["split"].strip().lower() not in JSONL_SPLITS:
+                    raise DataError(
+                        "unknown_split",
+                        annotations,
+                        f"line {line}",
+                        f"split {record['split'][:50]!r} is none of train, val (validation, validate, dev), test",
+                    )
             image = record.get("image")
             name = str(record["id"]) if "id" in record else image if isinstance(image, str) else f"line {line}"
             texts = record.get("text")

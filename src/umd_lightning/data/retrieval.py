@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, get_worker_info
 from umd_lightning.data.classification import medpix_records
 from umd_lightning.data.common import (
     OnError,
+    RuntimeSkips,
     ScanMode,
     ScanReport,
     load_image,
@@ -145,13 +146,15 @@ class ImageTextPairs(Dataset):
         self.reports: list[ScanReport] = [report]
         self.transform = transform
         self.on_error: OnError = on_error
+        self.skips = RuntimeSkips()
+        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["id"])
+        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["id"], skips=self.skips)
         if image is None:
             return None
         return {"image": self.transform(image), "text": record["text"], "id": record["id"]}

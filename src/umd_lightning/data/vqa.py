@@ -26,10 +26,12 @@ from umd_lightning.data.answers import AnswerVocab, normalize_answer
 from umd_lightning.data.common import (
     DataError,
     OnError,
+    RuntimeSkips,
     ScanMode,
     ScanReport,
     check_text,
     load_scanned_image,
+    read_text,
     safe_join,
     scan,
     scan_images,
@@ -45,15 +47,17 @@ log = logging.getLogger(__name__)
 
 
 def read_json_list(path: Path) -> list[Any]:
-    """Read a JSON file that must hold a list of records.
+    """Read a JSON file (UTF-8, with or without a byte-order mark) that must hold a list of records.
 
     Raises:
-        DataError: the file is not valid JSON or its top level is not a list.
+        DataError: ``bad_encoding`` (invalid UTF-8, with its byte offset) or ``bad_annotation`` (not valid JSON,
+            or its top level is not a list), naming the file.
     """
+    text = read_text(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError("bad_annotation", path, None, f"not valid JSON: {exc}") from exc
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an integer of too many digits, deep nesting
+        raise DataError("bad_annotation", path, None, f"not valid JSON: {str(exc)[:200]}") from exc
     if not isinstance(data, list):
         raise DataError("bad_annotation", path, None, f"expected a JSON list of records, got {type(data).__name__}")
     return data
@@ -84,7 +88,10 @@ def _field(entry: Any, key: str, file: Path, record: Any) -> Any:
 def _answer(raw: Any, file: Path, record: Any) -> str:
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
         raise DataError("empty_text", file, record, f"answer must be a string or a number, got {raw!r}")
-    answer = normalize_answer(raw)
+    try:
+        answer = normalize_answer(raw)
+    except ValueError as exc:  # NaN or Infinity (JSON accepts both literals)
+        raise DataError("bad_answer", file, record, f"{exc}; give the answer as text") from exc
     if not answer:
         raise DataError("empty_answer", file, record, f"answer {raw!r} is empty after normalisation")
     return answer
@@ -126,12 +133,29 @@ def _parse(
     items: Sequence[Any],
     parse: Callable[[Any], Record],
     *,
+    file: Path,
     name: str,
     on_error: OnError,
     reports: list[ScanReport] | None,
     skip_kinds: frozenset[str] = frozenset(),
 ) -> list[Record]:
-    records, report = scan(items, parse, name=name, on_error=on_error, progress=False, skip_kinds=skip_kinds)
+    """Parse every item of one annotation file; a qid seen before in the file is a ``duplicate_qid`` error (the
+    first question keeps it): predictions and per-question results are keyed by qid."""
+    seen: set[str] = set()
+
+    def parse_unique(item: Any) -> Record:
+        record = parse(item)
+        if record["qid"] in seen:
+            raise DataError(
+                "duplicate_qid",
+                file,
+                record["qid"],
+                "qid already used by an earlier question of this file (predictions are keyed by qid); make qids unique",
+            )
+        seen.add(record["qid"])
+        return record
+
+    records, report = scan(items, parse_unique, name=name, on_error=on_error, progress=False, skip_kinds=skip_kinds)
     if reports is not None:
         reports.append(report)
     return records
@@ -176,7 +200,8 @@ def vqa_rad_records(
         return "test" if str(entry.get("phrase_type", "")).startswith("test_") else "train"
 
     parse = _vqa_rad_entry(root, file, "VQA_RAD Image Folder", split_of)
-    return _parse(list(enumerate(read_json_list(file))), parse, name="vqa_rad", on_error=on_error, reports=reports)
+    items = list(enumerate(read_json_list(file)))
+    return _parse(items, parse, file=file, name="vqa_rad", on_error=on_error, reports=reports)
 
 
 def vqa_rad_preprocessed_records(
@@ -195,7 +220,8 @@ def vqa_rad_preprocessed_records(
             continue
         parse = _vqa_rad_entry(root, file, "images", lambda entry, split=split: split)
         items = list(enumerate(read_json_list(file)))
-        records += _parse(items, parse, name=f"vqa_rad_preprocessed/{split}", on_error=on_error, reports=reports)
+        report_name = f"vqa_rad_preprocessed/{split}"
+        records += _parse(items, parse, file=file, name=report_name, on_error=on_error, reports=reports)
     return records
 
 
@@ -249,7 +275,9 @@ def slake_records(
             log.info("slake/%s: %d of %d questions not in language %r left out", split, len(entries) - len(items),
                      len(entries), language)  # fmt: skip
         skip = frozenset({"empty_answer"}) if skip_empty_answers else frozenset()
-        records += _parse(items, parse, name=f"slake/{split}", on_error=on_error, reports=reports, skip_kinds=skip)
+        records += _parse(
+            items, parse, file=file, name=f"slake/{split}", on_error=on_error, reports=reports, skip_kinds=skip
+        )
     return records
 
 
@@ -273,7 +301,7 @@ def _check_categories(categories: Sequence[str] | None) -> list[str]:
 
 
 def _pipe_lines(file: Path) -> list[tuple[int, list[str]]]:
-    lines = file.read_text(encoding="utf-8").splitlines()
+    lines = read_text(file).splitlines()
     return [(number, line.split("|")) for number, line in enumerate(lines, start=1) if line.strip()]
 
 
@@ -345,7 +373,7 @@ def vqa_med_2019_records(
                 ("image_id", "question", "answer"),
             )
             name = f"vqa_med_2019/{split}/{category}"
-            records += _parse(_pipe_lines(file), parse, name=name, on_error=on_error, reports=reports)
+            records += _parse(_pipe_lines(file), parse, file=file, name=name, on_error=on_error, reports=reports)
     file = root / test_file
     parse = _pipe_parser(
         root,
@@ -357,7 +385,7 @@ def vqa_med_2019_records(
     )
     # The category is a field of the test file, so a line is kept or dropped before parsing.
     lines = [(n, parts) for n, parts in _pipe_lines(file) if len(parts) != 4 or parts[1].strip().lower() in chosen]
-    return records + _parse(lines, parse, name="vqa_med_2019/test", on_error=on_error, reports=reports)
+    return records + _parse(lines, parse, file=file, name="vqa_med_2019/test", on_error=on_error, reports=reports)
 
 
 def vqa_med_2019_m3ae_records(
@@ -390,7 +418,7 @@ def vqa_med_2019_m3ae_records(
                 ("image_id", "question", "answer"),
             )
             name = f"vqa_med_2019_m3ae/{split}/{category}"
-            records += _parse(_pipe_lines(file), parse, name=name, on_error=on_error, reports=reports)
+            records += _parse(_pipe_lines(file), parse, file=file, name=name, on_error=on_error, reports=reports)
     return records
 
 
@@ -481,6 +509,8 @@ class VQADataset(Dataset):
         self.transform = transform
         self.answer_vocab = answer_vocab
         self.on_error: OnError = on_error
+        self.skips = RuntimeSkips()
+        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
 
     def __len__(self) -> int:
         return len(self.records)
@@ -492,7 +522,7 @@ class VQADataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["qid"])
+        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["qid"], skips=self.skips)
         if image is None:
             return None
         answer_index = self.answer_vocab.index(record["answer"])

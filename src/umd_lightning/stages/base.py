@@ -19,7 +19,7 @@ from umd_lightning.errors import ConfigError, check_range
 from umd_lightning.models.backbone import UMDBackbone
 from umd_lightning.models.config import BackboneConfig, preset
 from umd_lightning.runs import resolve_pretrained
-from umd_lightning.weights import UntrustedPickleError, read_weights
+from umd_lightning.weights import UnreadableWeightsError, UntrustedPickleError, read_weights
 
 Schedule = Literal["linear", "cosine"]
 
@@ -65,15 +65,19 @@ def load_checkpoint_file(path: str | Path, trust_pickle: bool | None = None) -> 
             ``UMD_TRUST_PICKLE`` environment variable (see :func:`umd_lightning.weights.read_weights`).
 
     Raises:
-        StageError: the file is missing, or it holds objects that need full unpickling and that was not allowed.
+        StageError: the file is missing, truncated or corrupt, or it holds objects that need full unpickling and
+            that was not allowed.
     """
     path = Path(path)
     if not path.is_file():
         raise StageError(f"pretrained checkpoint not found: {path} (check the `pretrained:` path)")
     try:
-        return read_weights(path, trust_pickle)
-    except UntrustedPickleError as exc:
+        checkpoint = read_weights(path, trust_pickle)
+    except (UntrustedPickleError, UnreadableWeightsError) as exc:
         raise StageError(str(exc)) from exc
+    if not isinstance(checkpoint, dict):
+        raise StageError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict with a state_dict)")
+    return checkpoint
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: Schedule):

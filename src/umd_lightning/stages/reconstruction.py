@@ -17,6 +17,7 @@ import warnings
 from typing import Any, ClassVar, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from umd_lightning import losses
@@ -99,6 +100,12 @@ class ReconstructionStage(UMDStage):
             check_range(f"model.init_args.{name}", weight, low=0.0)
         check_range("model.init_args.ema_momentum", ema_momentum, low=0.0, high=1.0)
         check_range("model.init_args.itm_swap_prob", itm_swap_prob, low=0.0, high=1.0)
+        if mask_ratio_image == 0 and (w_mim > 0 or w_feamim > 0):
+            rank_zero_warn(
+                f"model.init_args.mask_ratio_image=0 masks no image patch: MIM and FeaMIM are 0 at every step "
+                f"although w_mim={w_mim} and w_feamim={w_feamim}; set mask_ratio_image > 0 (reference 0.75) "
+                "or set w_mim and w_feamim to 0"
+            )
         cfg = self.backbone_config
         width = self.backbone.width
         self.mim_decoder = MIMDecoder(width, cfg.decoder, cfg.vision.patch_size, feature_dim=width)

@@ -8,6 +8,11 @@ input, the record that holds it and the behaviour the loaders must show.
 The decompression bomb (``bomb.png``) is a 66-byte PNG whose header declares 60,000 x 60,000 pixels and whose
 pixel data is never written: PIL refuses it when it opens the header, so nothing huge is committed and no test
 has to lower ``Image.MAX_IMAGE_PIXELS``.
+
+The layouts after ``jsonl`` (``ISSUE_10_LAYOUTS``: encodings, byte-order marks, EXIF orientation, float TIFFs
+with NaN, numeric and non-finite answers, repeated qids, an unusable training split, a third ROCO column, JSONL
+split names in other cases, broken checkpoints and exports) draw from the random generator after the older
+layouts, so adding them left the older files byte for byte as they were.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import argparse
 import csv
 import io
 import json
+import pickle
 import shutil
 import struct
+import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +32,30 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from umd_lightning.vocabulary import VOCABULARY_CHECKSUM_KEY, vocabulary_checksum
+
 SEED = 7
 SIZE = 32
-LAYOUTS = ("vqa_rad", "vqa_rad_not_a_list", "roco", "melinda", "melinda_missing_column", "jsonl")
+ISSUE_10_LAYOUTS = (
+    "vqa_rad_bad_encoding",
+    "slake_bad_encoding",
+    "melinda_bad_encoding",
+    "mimic_cxr_bad_encoding",
+    "vqa_rad_bom",
+    "melinda_bom",
+    "vqa_rad_answers",
+    "vqa_rad_same_qid",
+    "vqa_rad_all_bad",
+    "roco_extra_column",
+    "jsonl_split_case",
+    "jsonl_images",
+    "weights",
+)
+LAYOUTS = ("vqa_rad", "vqa_rad_not_a_list", "roco", "melinda", "melinda_missing_column", "jsonl", *ISSUE_10_LAYOUTS)
+LATIN_1_QUESTION = "is the caf\u00e9-au-lait spot benign?"
+"""A question written in Latin-1 instead of UTF-8 by the ``*_bad_encoding`` layouts: its ``\u00e9`` is the one
+invalid byte (0xe9) of the file."""
+EXPORT_LABELS = ["yes", "no", "lung"]
 BOMB_SIDE = 60_000
 """Side of the bomb's declared size: 3.6e9 pixels, over twice PIL's default limit (89.5 million)."""
 
@@ -327,6 +355,256 @@ def write_jsonl(out: Path, rng: np.random.Generator) -> None:
     (root / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+# ------------------------------------------------------------------------------------------------ issue 10
+def exif_rotated_jpeg(rng: np.random.Generator) -> bytes:
+    """A JPEG stored upside down with EXIF Orientation 3 ("rotate 180 to display"): the stored pixels are bright in
+    the bottom half and dark in the top half, so it displays bright on top."""
+    pixels = np.full((SIZE, SIZE), 20, np.uint8) + rng.integers(0, 10, size=(SIZE, SIZE)).astype(np.uint8)
+    pixels[SIZE // 2 :, :] = 230
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def float_tiff(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.float32), mode="F").save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+def float_nan_tiff(rng: np.random.Generator) -> bytes:
+    """A 32-bit float TIFF with values 100 (top-left) to 200 (bottom-right) and one NaN pixel at (5, 5)."""
+    ramp = np.linspace(100.0, 200.0, SIZE * SIZE).reshape(SIZE, SIZE)
+    ramp[5, 5] = np.nan
+    return float_tiff(ramp)
+
+
+def float_inf_tiff(rng: np.random.Generator) -> bytes:
+    """The same ramp with +inf at (0, 1) and -inf at (0, 2)."""
+    ramp = np.linspace(100.0, 200.0, SIZE * SIZE).reshape(SIZE, SIZE)
+    ramp[0, 1], ramp[0, 2] = np.inf, -np.inf
+    return float_tiff(ramp)
+
+
+def write_json(path: Path, value: object, *, bom: bool = False) -> None:
+    text = json.dumps(value, indent=1, ensure_ascii=False) + "\n"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+
+
+def with_latin_1(text: str) -> bytes:
+    """``text`` as UTF-8 except for the question :data:`LATIN_1_QUESTION`, written in Latin-1."""
+    before, question, after = text.partition(LATIN_1_QUESTION)
+    assert question, "the Latin-1 question must be in the text"
+    return before.encode("utf-8") + question.encode("latin-1") + after.encode("utf-8")
+
+
+def write_encodings(out: Path, rng: np.random.Generator) -> None:
+    """One file per whole-file reader with a Latin-1 byte; VQA-RAD and MELINDA copies that start with a BOM."""
+    rad_rows = [
+        ("good", "synpic100.jpg", "is there a bright disc?", "yes", "CLOSED", False),
+        ("latin_1", "synpic100.jpg", LATIN_1_QUESTION, "yes", "CLOSED", False),
+        ("test_good", "synpic101.jpg", "is there a fracture?", "no", "CLOSED", True),
+    ]
+    entries = [vqa_rad_entry(*row[:5], test=row[5]) for row in rad_rows]
+    root = out / "vqa_rad_bad_encoding"
+    root.mkdir(parents=True)
+    text = json.dumps(entries, indent=1, ensure_ascii=False) + "\n"
+    (root / "VQA_RAD Dataset Public.json").write_bytes(with_latin_1(text))
+
+    root = out / "vqa_rad_bom"
+    write_images(root / "VQA_RAD Image Folder", {"synpic100.jpg": good_jpeg, "synpic101.jpg": good_jpeg}, rng)
+    write_json(root / "VQA_RAD Dataset Public.json", [e for e in entries if e["qid"] != "latin_1"], bom=True)
+
+    root = out / "slake_bad_encoding"
+    root.mkdir(parents=True)
+
+    def slake(qid: int, question: str) -> dict:
+        return {
+            "img_id": 1,
+            "img_name": "xmlab1/source.jpg",
+            "question": question,
+            "answer": "Yes",
+            "q_lang": "en",
+            "answer_type": "CLOSED",
+            "qid": qid,
+        }
+
+    train = json.dumps([slake(1, "is this a ct?"), slake(2, LATIN_1_QUESTION)], indent=1, ensure_ascii=False)
+    (root / "train.json").write_bytes(with_latin_1(train + "\n"))
+    write_json(root / "validate.json", [slake(3, "is this a ct?")])
+    write_json(root / "test.json", [slake(4, "is this a ct?")])
+
+    root = out / "melinda_bad_encoding"
+    root.mkdir(parents=True)
+    rows = [melinda_row("PMC1_F1.jpg", "Western blot of the protein.", "Blot")]
+    bad = [*rows, melinda_row("PMC2_F1.jpg", f"Caption asking {LATIN_1_QUESTION}", "Blot")]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MELINDA_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(bad)
+    (root / "train.csv").write_bytes(with_latin_1(buffer.getvalue()))
+    write_csv(root / "dev.csv", MELINDA_COLUMNS, rows)
+    write_csv(root / "test.csv", MELINDA_COLUMNS, rows)
+
+    root = out / "melinda_bom"
+    write_images(root / "melinda_images", {"PMC1_F1.jpg": good_jpeg, "PMC2_F1.jpg": good_jpeg}, rng)
+    for name, figure in (("train.csv", "PMC1_F1.jpg"), ("dev.csv", "PMC2_F1.jpg"), ("test.csv", "PMC2_F1.jpg")):
+        write_csv(root / name, MELINDA_COLUMNS, [melinda_row(figure, "Western blot of the protein.", "Blot")])
+        (root / name).write_bytes(b"\xef\xbb\xbf" + (root / name).read_bytes())
+
+    root = out / "mimic_cxr_bad_encoding"
+    root.mkdir(parents=True)
+    metadata = f"dicom_id,subject_id,study_id,ViewPosition,Note\nd1,10000001,50000001,PA,{LATIN_1_QUESTION}\n"
+    (root / "mimic-cxr-2.0.0-metadata.csv").write_bytes(with_latin_1(metadata))
+    (root / "mimic-cxr-2.0.0-split.csv").write_text("dicom_id,study_id,subject_id,split\nd1,50000001,10000001,train\n")
+
+
+def write_vqa_questions(out: Path, rng: np.random.Generator) -> None:
+    """VQA-RAD copies for answers, qids and an unusable training split."""
+    root = out / "vqa_rad_answers"
+    write_images(root / "VQA_RAD Image Folder", {"synpic100.jpg": good_jpeg, "synpic101.jpg": good_jpeg}, rng)
+    train = [
+        ("int_answer", "synpic100.jpg", "how many lesions?", 2, "OPEN"),
+        ("float_answer", "synpic100.jpg", "how many nodules?", 2.0, "OPEN"),
+        ("text_answer", "synpic100.jpg", "how many cysts?", "2.0", "OPEN"),
+        ("decimal_answer", "synpic100.jpg", "how large in cm?", "2.50", "OPEN"),
+        ("nan_answer", "synpic100.jpg", "how many masses?", float("nan"), "OPEN"),
+        ("infinity_answer", "synpic100.jpg", "how many stones?", float("inf"), "OPEN"),
+        ("zero_width_question", "synpic100.jpg", "\u200b\u200b \u2060", "yes", "CLOSED"),
+        ("good", "synpic100.jpg", "is there a bright disc?", "yes", "CLOSED"),
+    ]
+    test = [("test_decimal", "synpic101.jpg", "how large in cm?", 2.5, "OPEN")]
+    entries = [vqa_rad_entry(*row, test=False) for row in train] + [vqa_rad_entry(*row, test=True) for row in test]
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+
+    root = out / "vqa_rad_same_qid"
+    write_images(root / "VQA_RAD Image Folder", {"synpic100.jpg": good_jpeg, "synpic101.jpg": good_jpeg}, rng)
+    rows = [
+        ("0", "synpic100.jpg", "is there a bright disc?", "yes", "CLOSED", False),
+        ("0", "synpic100.jpg", "what organ is shown?", "lung", "OPEN", False),
+        ("0", "synpic100.jpg", "is there a fracture?", "no", "CLOSED", False),
+        ("test_0", "synpic101.jpg", "is there a bright disc?", "yes", "CLOSED", True),
+    ]
+    entries = [vqa_rad_entry(*row[:5], test=row[5]) for row in rows]
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+
+    root = out / "vqa_rad_all_bad"
+    write_images(
+        root / "VQA_RAD Image Folder",
+        {"truncated.jpg": truncated_jpeg, "zero_bytes.jpg": zero_bytes, "synpic101.jpg": good_jpeg},
+        rng,
+    )
+    rows = [
+        ("truncated", "truncated.jpg", "is there a bright disc?", "yes", "CLOSED", False),
+        ("zero_bytes", "zero_bytes.jpg", "is there a fracture?", "no", "CLOSED", False),
+        ("missing", "synpic999.jpg", "what organ is shown?", "lung", "OPEN", False),
+        ("test_good", "synpic101.jpg", "is there a bright disc?", "yes", "CLOSED", True),
+    ]
+    entries = [vqa_rad_entry(*row[:5], test=row[5]) for row in rows]
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+
+
+def write_pair_layouts(out: Path, rng: np.random.Generator) -> None:
+    """ROCO with a third tab column; JSONL split names in other cases; EXIF-rotated and float images."""
+    root = out / "roco_extra_column"
+    lines = {
+        "train": [
+            "ROCO_00021\tComputed tomography of the chest showing a round lesion.",
+            "ROCO_00022\tAxial CT of the abdomen with contrast.\tC0040405",
+            "ROCO_00023\t  Sagittal   MRI of the   knee.  ",
+        ],
+        "validation": ["ROCO_00024\tUltrasound of the liver with a cyst."],
+        "test": ["ROCO_00025\tFrontal chest radiograph with a nodule."],
+    }
+    images = {
+        "train": ("ROCO_00021", "ROCO_00022", "ROCO_00023"),
+        "validation": ("ROCO_00024",),
+        "test": ("ROCO_00025",),
+    }
+    for split, split_lines in lines.items():
+        folder = root / split / "radiology"
+        write_images(folder / "images", {f"{name}.jpg": good_jpeg for name in images[split]}, rng)
+        (folder / "captions.txt").write_text("\n".join(split_lines) + "\n", encoding="utf-8")
+
+    root = out / "jsonl_split_case"
+    write_images(root / "images", {"a.png": palette_alpha_png, "b.png": gray16_png}, rng)
+    rows = [
+        {"id": "upper_train", "image": "images/a.png", "text": "A scan of the chest.", "split": "Train"},
+        {"id": "lower_train", "image": "images/b.png", "text": "A scan of the head.", "split": "train"},
+        {"id": "spaced_test", "image": "images/a.png", "text": "A scan of the knee.", "split": " TEST "},
+        {"id": "upper_val", "image": "images/b.png", "text": "A scan of the hand.", "split": "Validation"},
+        {"id": "misspelt", "image": "images/a.png", "text": "A scan of the foot.", "split": "trian"},
+    ]
+    (root / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+    root = out / "jsonl_images"
+    write_images(
+        root / "images",
+        {"exif_rotated.jpg": exif_rotated_jpeg, "float_nan.tif": float_nan_tiff, "float_inf.tif": float_inf_tiff},
+        rng,
+    )
+    rows = [
+        {"id": "exif_rotated", "image": "images/exif_rotated.jpg", "text": "Bright on top as displayed."},
+        {"id": "float_nan", "image": "images/float_nan.tif", "text": "A float scan with one NaN pixel."},
+        {"id": "float_inf", "image": "images/float_inf.tif", "text": "A float scan with infinite pixels."},
+    ]
+    (root / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def stored_zip(members: dict[str, bytes]) -> bytes:
+    """A zip archive of uncompressed members with a fixed date, laid out like a ``torch.save`` file."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            archive.writestr(zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0)), data)
+    return buffer.getvalue()
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file of float32 tensors, its JSON header with sorted keys (safetensors' own writer orders the
+    metadata differently from run to run), padded with spaces to 8 bytes as the format recommends."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset, data = 0, b""
+    for name, array in sorted(tensors.items()):
+        raw = np.ascontiguousarray(array, dtype="<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
+        offset, data = offset + len(raw), data + raw
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def export_config(labels: list[str]) -> dict:
+    """The fields of an export's ``config.json`` that :func:`umd_lightning.export.read_export_config` checks."""
+    return {"format": "umd_lightning.export/1", "stage": "finetune", "task": "vqa", "labels": labels}
+
+
+def write_weights(out: Path, rng: np.random.Generator) -> None:
+    """Checkpoints that are broken rather than unsafe, and exports with a truncated, broken or mismatched file."""
+    root = out / "weights"
+    root.mkdir(parents=True)
+    whole = stored_zip({"archive/data.pkl": pickle.dumps({"state_dict": {}}, protocol=2), "archive/version": b"3\n"})
+    (root / "truncated.ckpt").write_bytes(whole[: len(whole) // 2])
+    (root / "text.ckpt").write_text("model: runs/umd/version_3/checkpoints/last.ckpt\n", encoding="utf-8")
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "truncated.safetensors").write_bytes(safetensors_bytes({"w": np.arange(64, dtype=np.float32)})[:-40])
+
+    weights = rng.standard_normal((len(EXPORT_LABELS), 4)).astype(np.float32)
+    metadata = {"format": "pt", "umd_stage": "finetune", VOCABULARY_CHECKSUM_KEY: vocabulary_checksum(EXPORT_LABELS)}
+    intact = safetensors_bytes({"head.weight": weights}, metadata=metadata)
+    config = json.dumps(export_config(EXPORT_LABELS), indent=2) + "\n"
+    for name, weights_file, config_file in (
+        ("export_truncated_weights", intact[:-24], config),
+        ("export_broken_config", intact, config[: len(config) // 2]),
+        ("export_reordered_labels", intact, json.dumps(export_config(EXPORT_LABELS[::-1]), indent=2) + "\n"),
+    ):
+        (root / name).mkdir()
+        (root / name / "model.safetensors").write_bytes(weights_file)
+        (root / name / "config.json").write_text(config_file, encoding="utf-8")
+
+
 def generate(out: Path, seed: int = SEED) -> None:
     """Rewrite every layout of the corpus under ``out`` (each layout folder is replaced)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -337,6 +615,10 @@ def generate(out: Path, seed: int = SEED) -> None:
     write_roco(out, rng)
     write_melinda(out, rng)
     write_jsonl(out, rng)
+    write_encodings(out, rng)
+    write_vqa_questions(out, rng)
+    write_pair_layouts(out, rng)
+    write_weights(out, rng)
 
 
 def main() -> None:
