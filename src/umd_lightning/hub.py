@@ -15,7 +15,6 @@ vocabulary of another size or a damaged ``model.safetensors`` stop with one line
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -33,24 +32,19 @@ from umd_lightning.models.backbone import UMDBackbone
 from umd_lightning.models.config import BackboneConfig
 from umd_lightning.models.heads import ClassifierHead
 from umd_lightning.models.text import load_tokenizer
+from umd_lightning.vocabulary import VOCABULARY_CHECKSUM_KEY, vocabulary_checksum
 
 HUB_FORMAT = "umd_lightning.hub/1"
 LEGACY_FORMAT = "umd_lightning.export/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TEXT_FOLDER = "text"
-VOCAB_CHECKSUM = "umd_vocab_sha256"
 LEAKY_SETTINGS = {"vocab": "all_splits", "validation": "val_is_test"}
 """Data-module settings that let test answers or test questions into training or model selection."""
 
 
 class ExportError(ConfigError):
     """An exported folder that cannot be loaded as it is; the message names the file."""
-
-
-def vocabulary_checksum(labels: Sequence[str]) -> str:
-    """sha256 of the answer / class names in output order (stored with the weights, checked on load)."""
-    return hashlib.sha256(json.dumps(list(labels), ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def default_max_length(task: str | None) -> int:
@@ -182,7 +176,7 @@ class UMDInferenceModel(
         tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
         metadata = {
             "format": "pt",
-            VOCAB_CHECKSUM: vocabulary_checksum(self.labels),
+            VOCABULARY_CHECKSUM_KEY: vocabulary_checksum(self.labels),
             "num_labels": str(len(self.labels)),
         }
         save_file(tensors, str(save_directory / WEIGHTS_FILE), metadata=metadata)
@@ -193,6 +187,19 @@ class UMDInferenceModel(
         return card
 
     # ------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any):
+        """Load a folder (offline) or a hub id (online); a local ``config.json`` that does not parse is named in one
+        line (the mixin would raise a bare JSON error before :meth:`_from_pretrained` can check anything)."""
+        config_file = Path(str(pretrained_model_name_or_path)) / CONFIG_FILE
+        if config_file.is_file():
+            try:
+                json.loads(config_file.read_text(encoding="utf-8-sig"))
+            except (ValueError, RecursionError) as exc:
+                reason = str(exc).strip().splitlines()[0][:160]
+                raise ExportError(f"{config_file} is not valid JSON ({reason}); export the model again") from None
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     @classmethod
     def _from_pretrained(
         cls,
@@ -239,7 +246,7 @@ class UMDInferenceModel(
         except (SafetensorError, OSError, ValueError) as exc:
             raise ExportError(f"{weights_file} cannot be read ({str(exc).strip().splitlines()[0]})") from None
         labels = model_kwargs["labels"]
-        if metadata.get(VOCAB_CHECKSUM) != vocabulary_checksum(labels):
+        if metadata.get(VOCABULARY_CHECKSUM_KEY) != vocabulary_checksum(labels):
             raise ExportError(
                 f"{config_file}: its {len(labels)} labels do not match the vocabulary checksum stored in "
                 f"{WEIGHTS_FILE} ({metadata.get('num_labels', '?')} labels): the answers were edited or reordered"

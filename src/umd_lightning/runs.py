@@ -73,11 +73,16 @@ def checkpoint_stage(path: str | Path) -> str | None:
     Raises:
         ConfigError: the file cannot be read as a weights-only checkpoint.
     """
+    from umd_lightning.weights import UnreadableWeightsError, UntrustedPickleError, read_weights
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path} is not a readable checkpoint ({reason})") from None
+    except Exception:
+        # Not a memory-mappable weights-only file: the weights reader says which (corrupt, or needs unpickling).
+        try:
+            checkpoint = read_weights(path)
+        except (UnreadableWeightsError, UntrustedPickleError) as exc:
+            raise ConfigError(str(exc)) from None
     return checkpoint.get("umd_stage") if isinstance(checkpoint, dict) else None
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from pathlib import Path
 
 VOCABULARY_CHECKSUM_KEY = "umd_vocabulary_sha256"
 """Key of the checksum in the weights file's metadata (safetensors header)."""
@@ -17,26 +16,3 @@ def vocabulary_checksum(labels: Sequence[str] | None) -> str:
     """SHA-256 (hex) of the labels in order, as UTF-8 JSON; ``None`` (retrieval, pre-training) has its own value."""
     payload = json.dumps(None if labels is None else list(labels), ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-class VocabularyMismatchError(ValueError):
-    """The labels beside the weights are not the ones the weights were trained with."""
-
-
-def check_vocabulary(
-    labels: Sequence[str] | None, stored: str | None, *, config: str | Path, weights: str | Path
-) -> None:
-    """Compare ``labels`` (read from ``config``) with the checksum ``stored`` in ``weights``.
-
-    A ``stored`` of ``None`` (weights written before the checksum existed) is accepted.
-
-    Raises:
-        VocabularyMismatchError: the checksums differ (one line naming both files).
-    """
-    if stored is None or stored == vocabulary_checksum(labels):
-        return
-    count = "no" if labels is None else len(labels)
-    raise VocabularyMismatchError(
-        f"{config}: its {count} labels are not the ones {weights} was trained with (vocabulary checksum differs: "
-        "labels edited or reordered); restore the config.json written with these weights, or export again"
-    )
