@@ -340,3 +340,16 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path):
     hpc = fake_checkpoint(folder / "hpc_ckpt_2.ckpt", "pretrain")  # written by Lightning's SLURM requeue
     os.utime(last, (1, 1))
     assert UMDCLI._resume_candidate(folder) == hpc
+
+
+def test_predictor_settings_are_checked():
+    from umd_lightning.hub import UMDInferenceModel
+    from umd_lightning.predict import Predictor
+
+    model = FineTune(preset="tiny", task="vqa", num_outputs=2, labels=["yes", "no"], text_model="minilm", image_size=32)
+    inference = UMDInferenceModel.from_stage(model)
+    with pytest.raises(ConfigError, match=r"Predictor max_length=600 is outside its valid range \[1, 512\]"):
+        Predictor(inference, max_length=600)
+    image = next((FIXTURES / "vqa_rad" / "VQA_RAD Image Folder").glob("*.jpg"))
+    with pytest.raises(ConfigError, match=r"top_k=0 is outside its valid range \[1, inf\)"):
+        Predictor(inference).answer(image, "is there a lesion?", top_k=0)
