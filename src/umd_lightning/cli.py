@@ -197,7 +197,7 @@ class UMDCLI(LightningCLI):
     def _report(self, subcommand: str) -> None:
         """Print the evaluation policy with the results and save both as ``<run_dir>/<subcommand>_results.json``."""
         notes = evaluation_leaks(self.model, self.datamodule)
-        label = "LEAKY: " + "; ".join(notes) if notes else "no leak (train vocabulary, held-out validation)"
+        label = "LEAKY: " + "; ".join(notes) if notes else "no leak (no leaky evaluation option is set)"
         results = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.split("/")[0] in ("val", "test")}
         if self.trainer.is_global_zero:
             print(f"[umd] {subcommand} evaluation: {label}")
