@@ -24,15 +24,19 @@ class DumpParameters(pl.Callback):
 
 
 class SignalAtStep(pl.Callback):
-    """Rank 0 sends itself ``signum`` when ``global_step`` reaches ``step`` (before that batch runs), as a
-    scheduler's pre-emption (SIGTERM) or a Ctrl-C (SIGINT) would."""
+    """Rank 0 sends ``signum`` to itself (or, with ``group``, to its whole process group) when ``global_step``
+    reaches ``step`` (before that batch runs), as a scheduler's pre-emption (SIGTERM) or a Ctrl-C (SIGINT) would."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGTERM)) -> None:
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), group: bool = False) -> None:
         self.step = step
         self.signum = signum
+        self.group = group
         self.sent = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         if trainer.global_step == self.step and trainer.global_rank == 0 and not self.sent:
             self.sent = True
-            os.kill(os.getpid(), self.signum)
+            if self.group:  # the whole process group (DataLoader workers included), as a scheduler does
+                os.killpg(os.getpgid(0), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)

@@ -8,7 +8,10 @@ optimiser step, as an outside ``kill`` would.
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +23,16 @@ SIGNAL_AT = 5
 steps would otherwise hold step 4 only)."""
 
 
-def signalled_config(run_dir: Path, signum: int, ddp: bool = False) -> Path:
+def signalled_config(run_dir: Path, signum: int, ddp: bool = False, group: bool = False) -> Path:
     path = write_config(run_dir, pretrain_config(run_dir), kill_at=None)
     config = yaml.safe_load(path.read_text())
-    config["trainer"]["callbacks"] = [
-        {"class_path": "pipeline_helpers.SignalAtStep", "init_args": {"step": SIGNAL_AT, "signum": int(signum)}}
-    ]
+    signal_args = {"step": SIGNAL_AT, "signum": int(signum), "group": group}
+    config["trainer"]["callbacks"] = [{"class_path": "pipeline_helpers.SignalAtStep", "init_args": signal_args}]
+    if group:
+        # Workers, and more micro-batches to fetch after the signal than the workers have prefetched (one step is
+        # the fixture's whole epoch): a worker killed by the signal makes those fetches fail.
+        config["data"]["init_args"]["num_workers"] = 2
+        config["trainer"]["accumulate_grad_batches"] = 5
     if ddp:
         config["trainer"].update(devices=2, strategy="ddp")
     path.write_text(yaml.safe_dump(config))
@@ -69,3 +76,22 @@ def test_sigterm_under_ddp_stops_every_rank_and_resumes(tmp_path: Path) -> None:
     resumed = umd_fit(config, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert load(last)["global_step"] == STEPS
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path: Path) -> None:
+    """A scheduler signals every process of the job: the DataLoader workers ignore it, so the run still reaches the
+    step boundary and saves (a worker killed by it would crash the run first)."""
+    config = signalled_config(tmp_path / "stopped", signal.SIGTERM, group=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    stopped = subprocess.run(
+        [sys.executable, "-m", "umd_lightning", "fit", "--config", str(config)],
+        cwd=config.parent,
+        env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,  # its own process group, so the signal reaches nothing else
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert load(tmp_path / "stopped" / "ckpt" / "last.ckpt")["global_step"] == SIGNAL_AT + 1

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import warnings
 from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -208,6 +210,16 @@ class EvaluationSampler(DistributedSampler):
         return super().__iter__()
 
 
+def worker_init(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: a scheduler's pre-emption or a Ctrl-C reaches the whole process
+    group, and a worker that died of it would crash the run before the main process saves its checkpoint (the
+    main process stops the workers itself). Then Lightning's worker seeding, as it would have added it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id)
+
+
 def make_loader(dataset: Dataset, *, train: bool, seed: int, **kwargs: Any) -> DataLoader:
     """The DataModules' loader: a shuffled :class:`ResumableDataLoader` for training, else a ``DataLoader`` in
     dataset order.
@@ -221,6 +233,8 @@ def make_loader(dataset: Dataset, *, train: bool, seed: int, **kwargs: Any) -> D
         seed: the data module's seed (training only).
         **kwargs: ``DataLoader`` arguments (not ``shuffle``).
     """
+    if kwargs.get("num_workers", 0) > 0:
+        kwargs.setdefault("worker_init_fn", worker_init)
     if train:
         return ResumableDataLoader(dataset, shuffle=True, seed=seed, **kwargs)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
