@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import warnings
 from collections.abc import Iterator, Sized
 from typing import Any
@@ -211,11 +210,12 @@ class EvaluationSampler(DistributedSampler):
 
 
 def worker_init(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGINT: a scheduler's pre-emption or a Ctrl-C reaches the whole process
-    group, and a worker that died of it would crash the run before the main process saves its checkpoint (the
-    main process stops the workers itself). Then Lightning's worker seeding, as it would have added it."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader workers leave the main process's process group: a scheduler's pre-emption or a Ctrl-C signals the
+    whole group, and a worker killed by it would crash the run before the main process reaches its checkpoint at
+    the step boundary (the main process stops its workers itself, and a worker exits when its parent dies). The
+    signals' default actions stay, so an explicit terminate still ends a worker. Then Lightning's worker seeding,
+    as it would have added it."""
+    os.setpgrp()
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id)
 
