@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from umd_lightning.models.ema import EMATeacher
 from umd_lightning.stages import MRPretrain, StageError
-from umd_lightning.stages.ema import EMATeacher
 
 MASK_ID = 103
 

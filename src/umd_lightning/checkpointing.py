@@ -35,8 +35,13 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from umd_lightning.errors import ConfigError
-from umd_lightning.weights import TRUST_PICKLE_ENV, UntrustedPickleError, read_weights, trusts_pickle
+from umd_lightning.errors import (
+    DiskFullError,
+    OutputFolderError,
+    RunFolderInUseError,
+    UntrustedPickleError,
+)
+from umd_lightning.weights import TRUST_PICKLE_ENV, read_weights, trusts_pickle
 
 __all__ = [
     "TRUST_PICKLE_ENV",
@@ -62,18 +67,6 @@ LOCK_FILE = ".umd-run.lock"
 _DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # torch's zip writer reports a failed or short write of a Python stream as one of these, without the errno.
 _TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")
-
-
-class DiskFullError(ConfigError):
-    """A checkpoint could not be written because its disk (or quota) is full; the message names the file."""
-
-
-class OutputFolderError(ConfigError):
-    """An output folder cannot be created or written; found before the first training step."""
-
-
-class RunFolderInUseError(ConfigError):
-    """Another run holds the lock of this run folder."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

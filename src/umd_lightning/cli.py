@@ -29,8 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from umd_lightning.callbacks.preemption import FinalCheckpoint, Preemption, interrupted_by
 from umd_lightning.checkpointing import RunFolderGuard, newest_readable_checkpoint
-from umd_lightning.data.common import DataError
-from umd_lightning.errors import ConfigError
+from umd_lightning.errors import ConfigError, DataError, StageError
 from umd_lightning.predict import JsonlPredictionWriter
 from umd_lightning.runs import (
     BEST,
@@ -42,7 +41,8 @@ from umd_lightning.runs import (
     existing_checkpoints,
 )
 from umd_lightning.runs import resolve_pretrained as resolve_pretrained_path
-from umd_lightning.stages.base import StageError, UMDStage
+from umd_lightning.seeds import global_seed
+from umd_lightning.stages.base import UMDStage
 
 
 class UMDCLI(LightningCLI):
@@ -204,18 +204,13 @@ class UMDCLI(LightningCLI):
             record = {
                 "subcommand": subcommand,
                 "checkpoint": self.config_init[subcommand].get("ckpt_path"),
-                "seed": _run_seed(),
+                "seed": global_seed(),
                 "leaky": bool(notes),
                 "leak_notes": notes,
                 "metrics": results,
             }
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / f"{subcommand}_results.json").write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _run_seed() -> int | None:
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    return int(seed) if seed is not None else None
 
 
 def _newest_hpc_checkpoint(folder: Path) -> Path | None:

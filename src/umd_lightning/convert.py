@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from umd_lightning.errors import ConfigError
+from umd_lightning.errors import ConfigError, ConversionError
 from umd_lightning.models.config import BackboneConfig, DecoderConfig, FusionConfig, TextConfig, VisionConfig
 from umd_lightning.models.heads import sincos_pos_embed_2d
 from umd_lightning.weights import TRUST_PICKLE_ENV, trusts_pickle
@@ -46,10 +46,6 @@ REFERENCE_VISION_ARCH = "vit_base_patch16_clip_quickgelu_224"
 """timm's CLIP ViT with QuickGELU, pre-norm (``ln_pre``) and a final norm on all tokens: the reference's tower."""
 
 LIGHTNING_MODULES = ("pytorch_lightning", "lightning")
-
-
-class ConversionError(ConfigError):
-    """A reference checkpoint that cannot be converted; the message names the key or the file."""
 
 
 Transform = Callable[[Tensor], Tensor]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from umd_lightning.errors import ConfigError
 from umd_lightning.hub import UMDInferenceModel
-from umd_lightning.stages.base import load_checkpoint_file
+from umd_lightning.weights import load_checkpoint_file
 
 
 def export_model(

@@ -27,12 +27,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from umd_lightning.data.transforms import CLIP_MEAN, CLIP_STD, image_transform
-from umd_lightning.errors import ConfigError
+from umd_lightning.errors import ConfigError, ExportError, StageError
 from umd_lightning.models.backbone import UMDBackbone
 from umd_lightning.models.config import BackboneConfig
 from umd_lightning.models.heads import ClassifierHead
 from umd_lightning.models.text import load_tokenizer
 from umd_lightning.vocabulary import VOCABULARY_CHECKSUM_KEY, vocabulary_checksum
+from umd_lightning.weights import load_checkpoint_file
 
 HUB_FORMAT = "umd_lightning.hub/1"
 LEGACY_FORMAT = "umd_lightning.export/1"
@@ -41,10 +42,6 @@ CONFIG_FILE = "config.json"
 TEXT_FOLDER = "text"
 LEAKY_SETTINGS = {"vocab": "all_splits", "validation": "val_is_test"}
 """Data-module settings that let test answers or test questions into training or model selection."""
-
-
-class ExportError(ConfigError):
-    """An exported folder that cannot be loaded as it is; the message names the file."""
 
 
 def default_max_length(task: str | None) -> int:
@@ -147,7 +144,6 @@ class UMDInferenceModel(
             StageError: the file is missing, unreadable, needs full unpickling, or is not a fine-tuning checkpoint
                 (each named in one line).
         """
-        from umd_lightning.stages.base import StageError, load_checkpoint_file
         from umd_lightning.stages.finetune import FineTune
 
         checkpoint = load_checkpoint_file(path)

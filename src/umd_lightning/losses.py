@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
+"""Label of the positions that the MLM loss ignores (PyTorch's cross-entropy default); the collate writes it."""
 
 
 def _masked_mean(per_position: Tensor, mask: Tensor) -> Tensor:

@@ -73,7 +73,8 @@ def checkpoint_stage(path: str | Path) -> str | None:
     Raises:
         ConfigError: the file cannot be read as a weights-only checkpoint.
     """
-    from umd_lightning.weights import UnreadableWeightsError, UntrustedPickleError, read_weights
+    from umd_lightning.errors import UnreadableWeightsError, UntrustedPickleError
+    from umd_lightning.weights import read_weights
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -5,6 +5,11 @@ as ``ViT-B-16.pt``) with :func:`read_torchscript_state_dict`, and anything else 
 ``torch.load(weights_only=True)``; a file that needs arbitrary unpickling is refused unless the caller opts in with
 ``trust_pickle=True`` or the environment variable ``UMD_TRUST_PICKLE=1``. A file that is merely broken (truncated,
 empty, text, not a checkpoint at all) is reported as such, never as a pickle-safety refusal.
+
+The package's readers, all here: :func:`read_weights` (whatever the file holds), :func:`read_state_dict` (a
+tensor state dict, unwrapped from ``state_dict`` / ``model``: the vision tower's pretrained files) and
+:func:`load_checkpoint_file` (a Lightning checkpoint dict, errors as :class:`StageError`: ``pretrained:``, export
+and the Predictor).
 """
 
 from __future__ import annotations
@@ -23,16 +28,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from umd_lightning.errors import StageError, UnreadableWeightsError, UntrustedPickleError
+
 TRUST_PICKLE_ENV = "UMD_TRUST_PICKLE"
 """Set to ``1`` to let :func:`read_weights` unpickle files that ``weights_only`` refuses (trusted files only)."""
-
-
-class UntrustedPickleError(RuntimeError):
-    """A weights file holds Python objects that only full unpickling (which can run code) would restore."""
-
-
-class UnreadableWeightsError(RuntimeError):
-    """A weights file is truncated, corrupt or not a weights file at all (no pickle setting would help)."""
 
 
 def unreadable(path: str | Path, exc: BaseException) -> UnreadableWeightsError:
@@ -196,3 +195,50 @@ def read_torchscript_state_dict(path: str | Path) -> dict[str, Tensor]:
 
     walk(tree, "")
     return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The state dict of tensors in a weights file, read by :func:`read_weights` (no pickled code runs).
+
+    ``.safetensors`` files go through safetensors, TorchScript archives (OpenAI's ``ViT-B-16.pt``) through a
+    restricted reader of their pickle, anything else through ``torch.load(weights_only=True)``, which refuses
+    checkpoints holding arbitrary Python objects. A state dict nested under ``"state_dict"`` or
+    ``"model"`` is unwrapped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UntrustedPickleError: the file needs more than tensors and plain containers to unpickle (the message says
+            how to allow it for a trusted file).
+        ValueError: the file holds no state dict.
+    """
+    state: Any = read_weights(path)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def load_checkpoint_file(path: str | Path, trust_pickle: bool | None = None) -> dict[str, Any]:
+    """Read a Lightning checkpoint without unpickling arbitrary objects (``torch.load(weights_only=True)``).
+
+    Args:
+        path: the checkpoint.
+        trust_pickle: allow full unpickling of a trusted file that ``weights_only`` refuses; ``None`` reads the
+            ``UMD_TRUST_PICKLE`` environment variable (see :func:`umd_lightning.weights.read_weights`).
+
+    Raises:
+        StageError: the file is missing, truncated or corrupt, or it holds objects that need full unpickling and
+            that was not allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"pretrained checkpoint not found: {path} (check the `pretrained:` path)")
+    try:
+        checkpoint = read_weights(path, trust_pickle)
+    except (UntrustedPickleError, UnreadableWeightsError) as exc:
+        raise StageError(str(exc)) from exc
+    if not isinstance(checkpoint, dict):
+        raise StageError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict with a state_dict)")
+    return checkpoint

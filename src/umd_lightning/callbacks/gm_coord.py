@@ -19,7 +19,6 @@ to Lightning:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -30,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from umd_lightning.errors import ConfigError, check_range
+from umd_lightning.seeds import run_seed
 
 UnimodalMode = Literal["reference", "zero_other"]
 Formula = Literal["reference", "relu_shift"]
@@ -303,10 +303,7 @@ class GMCoord(pl.Callback):
             raise TypeError(
                 f"GMCoord needs a module implementing GMCoordModule; {type(pl_module).__name__} lacks {missing}"
             )
-        if self.seed is not None:
-            self._run_seed = self.seed
-        else:
-            self._run_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self._run_seed = run_seed(self.seed)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Collect each modality's parameters once the model is built and wrapped."""

@@ -1,8 +1,9 @@
 """Data: one dataset per publisher layout, transforms, collates (tokenisation and masking) and thin DataModules."""
 
-from umd_lightning.data.common import DataError, ScanReport
+from umd_lightning.data.common import ScanReport
 from umd_lightning.data.datamodule import PretrainDataModule, SourceSpec
 from umd_lightning.data.downstream import ClassificationDataModule, RetrievalDataModule, VQADataModule
+from umd_lightning.errors import DataError
 
 __all__ = [
     "ClassificationDataModule",

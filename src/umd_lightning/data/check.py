@@ -30,20 +30,16 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 
-from umd_lightning.data.common import DataError, ScanReport
+from umd_lightning.data.common import SPLITS, ScanReport
 from umd_lightning.data.datamodule import PretrainDataModule
 from umd_lightning.data.downstream import DownstreamDataModule, VQADataModule
 from umd_lightning.data.pretrain import build_pretrain_dataset
+from umd_lightning.errors import ConfigError, DataError
 
-SPLITS = ("train", "val", "test")
 FILTER_KINDS = frozenset({"short_caption", "excluded", "other_view", "no_findings_impression", "no_split"})
 """Kinds the pre-training and retrieval loaders count for records left out on purpose (not data errors)."""
 IMAGE_KINDS = frozenset({"missing_image", "bad_image", "image_too_large"})
 """Kinds of a record whose image file was looked at and failed."""
-
-
-class ConfigError(Exception):
-    """The configuration cannot be read or does not describe a DataModule the check can build."""
 
 
 @dataclass

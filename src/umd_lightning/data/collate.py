@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
-"""Label of the positions that the MLM loss ignores (PyTorch's cross-entropy default)."""
+from umd_lightning.losses import IGNORE_INDEX
 
 
 def whole_word_mask(

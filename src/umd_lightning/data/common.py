@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import re
 import unicodedata
 import warnings
 import zlib
@@ -25,46 +24,19 @@ from PIL import Image, ImageFile, ImageOps
 from torch.utils.data import get_worker_info
 from tqdm.auto import tqdm
 
+from umd_lightning.errors import DataError
+
 log = logging.getLogger(__name__)
 
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+"""The splits every DataModule builds and ``umd data check`` scans."""
 OnError = Literal["raise", "skip"]
 ScanMode = Literal["full", "header", "none"]
 """How much of each image the set-up scan reads: ``full`` decodes it (finds truncated files), ``header`` opens it
 (finds missing and non-image files), ``none`` only checks the annotation."""
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-class DataError(ValueError):
-    """A problem with one record of a data set, naming the file and record at fault.
-
-    Attributes:
-        kind: a short category used for counting (``missing_image``, ``bad_image``, ``empty_text``, ...).
-        file: the annotation or image file at fault.
-        record: the record's id (or line number) in that file.
-        reason: what is wrong, in words.
-    """
-
-    def __init__(
-        self, kind: str, file: str | Path | None = None, record: str | int | None = None, reason: str | None = None
-    ) -> None:
-        if file is None and reason is None:
-            # One argument: a whole message. A DataLoader worker's exception is re-raised in the main process as
-            # ``type(error)(traceback text)``; this keeps it a DataError (kind read from the trailing "[kind]").
-            found = re.search(r"\[(\w+)\]\s*$", kind)
-            self.kind, self.file, self.record, self.reason = found[1] if found else "data_error", "", None, kind
-            super().__init__(kind)
-            return
-        self.kind = kind
-        self.file = str(file)
-        self.record = record
-        self.reason = str(reason)
-        where = f"{self.file}" + (f", record {record}" if record is not None else "")
-        super().__init__(f"{where}: {reason} [{kind}]")
-
-    def __reduce__(self) -> tuple[type[DataError], tuple[str, str, str | int | None, str]]:
-        # Pickled with its fields (processes, DataLoader workers), not with the formatted message.
-        return type(self), (self.kind, self.file, self.record, self.reason)
 
 
 def safe_join(root: str | Path, relative: Any, *, file: str | Path, record: str | int | None) -> Path:

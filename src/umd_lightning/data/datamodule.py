@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property
-from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from umd_lightning.data.collate import PretrainCollator
 from umd_lightning.data.common import OnError, ScanMode, require_samples
 from umd_lightning.data.pretrain import PretrainConcatDataset, SourceSpec, build_pretrain_datasets
-from umd_lightning.data.sampler import make_loader, run_seed
+from umd_lightning.data.sampler import make_loader
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.errors import ConfigError, check_range
-from umd_lightning.models.config import resolve_text_model
+from umd_lightning.models.text import load_tokenizer
+from umd_lightning.seeds import run_seed
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,8 @@ class PretrainDataModule(LightningDataModule):
 
     @cached_property
     def text_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The loaded fast tokenizer named by ``tokenizer``."""
-        name_or_path = resolve_text_model(self.tokenizer)
-        return AutoTokenizer.from_pretrained(name_or_path, use_fast=True, local_files_only=Path(name_or_path).is_dir())
+        """The loaded fast tokenizer named by ``tokenizer`` (:func:`~umd_lightning.models.text.load_tokenizer`)."""
+        return load_tokenizer(self.tokenizer)
 
     def _build(self, split: str, train: bool) -> PretrainConcatDataset:
         dataset = build_pretrain_datasets(

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -19,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from umd_lightning.data.answers import AnswerVocab
 from umd_lightning.data.classification import (
@@ -32,7 +31,7 @@ from umd_lightning.data.classification import (
     melinda_records,
 )
 from umd_lightning.data.collate import PretrainCollator
-from umd_lightning.data.common import OnError, ScanMode, ScanReport, require_samples
+from umd_lightning.data.common import SPLITS, OnError, ScanMode, ScanReport, Split, require_samples
 from umd_lightning.data.datamodule import check_loader_options
 from umd_lightning.data.retrieval import (
     ImageTextPairs,
@@ -42,16 +41,15 @@ from umd_lightning.data.retrieval import (
     make_eval_split,
     read_retrieval_records,
 )
-from umd_lightning.data.sampler import make_loader, run_seed
+from umd_lightning.data.sampler import make_loader
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.data.vqa import VQACollator, VQADataset, holdout_by_image, read_vqa_records
 from umd_lightning.errors import ConfigError, check_range
-from umd_lightning.models.config import resolve_text_model
+from umd_lightning.models.text import load_tokenizer
+from umd_lightning.seeds import run_seed
 
 Record = dict[str, Any]
-Split = Literal["train", "val", "test"]
 Mode = Literal["task", "calib"]
-SPLITS: tuple[Split, ...] = ("train", "val", "test")
 STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
     "fit": ("train", "val"),
     "validate": ("val",),
@@ -127,9 +125,8 @@ class DownstreamDataModule(LightningDataModule):
 
     @cached_property
     def text_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The loaded fast tokenizer named by ``tokenizer``."""
-        path = resolve_text_model(self.tokenizer)
-        return AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=Path(path).is_dir())
+        """The loaded fast tokenizer named by ``tokenizer`` (:func:`~umd_lightning.models.text.load_tokenizer`)."""
+        return load_tokenizer(self.tokenizer)
 
     def transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         """PIL RGB image -> ``(3, image_size, image_size)`` tensor (training or evaluation transform)."""

@@ -22,7 +22,6 @@ run is statistically, not bitwise, the same. Worker seeds come from ``(seed, epo
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Iterator, Sized
@@ -33,25 +32,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-
-def mix_seed(*values: int | str) -> int:
-    """A 32-bit seed from several integers (or tags): distinct inputs give unrelated seeds.
-
-    32 bits because torch's CPU generator (mt19937) keeps only the low 32 bits of a seed.
-    """
-    digest = hashlib.blake2b(repr(values).encode("utf-8"), digest_size=4).digest()
-    return int.from_bytes(digest, "little")
-
-
-def run_seed(seed: int | None = None) -> int:
-    """``seed`` when given, else the run's seed: ``PL_GLOBAL_SEED``, which ``seed_everything`` (the CLI's
-    ``seed_everything:``) sets in this process and its DDP workers; 0 when nothing set it.
-
-    The DataModules resolve their ``seed: None`` through this, so one ``seed_everything`` drives the data order,
-    the augmentation, the text and patch masks and the ITM / retrieval negatives."""
-    if seed is not None:
-        return int(seed)
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+from umd_lightning.seeds import mix_seed
 
 
 class ResumableSampler(DistributedSampler):

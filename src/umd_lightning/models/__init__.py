@@ -12,6 +12,7 @@ from umd_lightning.models.config import (
     preset,
     resolve_text_model,
 )
+from umd_lightning.models.ema import EMATeacher
 from umd_lightning.models.fusion import CoAttentionLayer, FusionEncoder, MultiHeadAttention, init_new_weights
 from umd_lightning.models.heads import (
     ClassifierHead,
@@ -30,7 +31,7 @@ from umd_lightning.models.masking import (
     unpatchify,
 )
 from umd_lightning.models.text import TextTower, load_tokenizer
-from umd_lightning.models.vision import VisionTower, load_checkpoint_file
+from umd_lightning.models.vision import VisionTower
 
 __all__ = [
     "MINILM",
@@ -40,6 +41,7 @@ __all__ = [
     "ClassifierHead",
     "CoAttentionLayer",
     "DecoderConfig",
+    "EMATeacher",
     "FeaturePredictor",
     "FusionConfig",
     "FusionEncoder",
@@ -55,7 +57,6 @@ __all__ = [
     "VisionConfig",
     "VisionTower",
     "init_new_weights",
-    "load_checkpoint_file",
     "load_tokenizer",
     "normalized_pixel_targets",
     "num_kept",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
@@ -14,32 +13,9 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from torch import Tensor, nn
 
 from umd_lightning.models.config import VisionConfig
-from umd_lightning.weights import read_weights
+from umd_lightning.weights import read_state_dict
 
 log = logging.getLogger("umd_lightning")
-
-
-def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a weights file without executing pickled code.
-
-    ``.safetensors`` files go through safetensors, TorchScript archives (OpenAI's ``ViT-B-16.pt``) through a
-    restricted reader of their pickle, anything else through ``torch.load(weights_only=True)``, which refuses
-    checkpoints holding arbitrary Python objects. A state dict nested under ``"state_dict"`` or
-    ``"model"`` is unwrapped.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        UntrustedPickleError: the file needs more than tensors and plain containers to unpickle (the message says
-            how to allow it for a trusted file).
-        ValueError: the file holds no state dict.
-    """
-    state: Any = read_weights(path)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return state
 
 
 class VisionTower(nn.Module):
@@ -98,7 +74,7 @@ class VisionTower(nn.Module):
         Raises:
             RuntimeError: tower weights missing from the checkpoint, or keys the tower does not have.
         """
-        state = checkpoint_filter_fn(load_checkpoint_file(path), self.vit)
+        state = checkpoint_filter_fn(read_state_dict(path), self.vit)
         depth = len(self.vit.blocks)
         blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
         if blocks and max(blocks) >= depth:

@@ -15,11 +15,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from umd_lightning.errors import ConfigError, check_range
+from umd_lightning.errors import (
+    NonFiniteLossError,
+    StageError,
+    check_range,
+)
 from umd_lightning.models.backbone import UMDBackbone
 from umd_lightning.models.config import BackboneConfig, preset
 from umd_lightning.runs import resolve_pretrained
-from umd_lightning.weights import UnreadableWeightsError, UntrustedPickleError, read_weights
+from umd_lightning.weights import load_checkpoint_file
 
 Schedule = Literal["linear", "cosine"]
 
@@ -45,39 +49,7 @@ def random_towers_warning(preset_name: str, cfg: BackboneConfig) -> str | None:
     )
 
 
-class StageError(ConfigError):
-    """A configuration or checkpoint mistake, with a one-line message that says what to change."""
-
-
-class NonFiniteLossError(StageError):
-    """A loss term turned NaN or infinite; the message names the step and the term."""
-
-
 POS_EMBED_KEY = "backbone.vision.vit.pos_embed"
-
-
-def load_checkpoint_file(path: str | Path, trust_pickle: bool | None = None) -> dict[str, Any]:
-    """Read a Lightning checkpoint without unpickling arbitrary objects (``torch.load(weights_only=True)``).
-
-    Args:
-        path: the checkpoint.
-        trust_pickle: allow full unpickling of a trusted file that ``weights_only`` refuses; ``None`` reads the
-            ``UMD_TRUST_PICKLE`` environment variable (see :func:`umd_lightning.weights.read_weights`).
-
-    Raises:
-        StageError: the file is missing, truncated or corrupt, or it holds objects that need full unpickling and
-            that was not allowed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise StageError(f"pretrained checkpoint not found: {path} (check the `pretrained:` path)")
-    try:
-        checkpoint = read_weights(path, trust_pickle)
-    except (UntrustedPickleError, UnreadableWeightsError) as exc:
-        raise StageError(str(exc)) from exc
-    if not isinstance(checkpoint, dict):
-        raise StageError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict with a state_dict)")
-    return checkpoint
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: Schedule):

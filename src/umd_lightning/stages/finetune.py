@@ -17,13 +17,14 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from umd_lightning.callbacks.gm_coord import GMCoordInputs
+from umd_lightning.errors import StageError
 from umd_lightning.metrics.classification import classification_metrics
 from umd_lightning.metrics.retrieval import recall_at_k
 from umd_lightning.metrics.vqa import VQAAccuracy
 from umd_lightning.models.backbone import BackboneOutput
 from umd_lightning.models.heads import ClassifierHead, ITMHead, RetrievalHead
 from umd_lightning.predict import describe_predictions
-from umd_lightning.stages.base import Schedule, StageError, UMDStage
+from umd_lightning.stages.base import Schedule, UMDStage
 
 Task = Literal["vqa", "classification", "retrieval"]
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from umd_lightning.stages.base import StageError
+from umd_lightning.errors import StageError
 from umd_lightning.stages.reconstruction import FeatureLoss, MaskMode, ReconstructionStage
 
 TEACHER_KEYS = "teacher.module."

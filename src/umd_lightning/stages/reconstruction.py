@@ -21,12 +21,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from umd_lightning import losses
-from umd_lightning.errors import check_range
+from umd_lightning.errors import StageError, check_range
 from umd_lightning.models.backbone import BackboneOutput
+from umd_lightning.models.ema import EMATeacher
 from umd_lightning.models.heads import FeaturePredictor, ITMHead, MIMDecoder, MLMHead
 from umd_lightning.models.masking import normalized_pixel_targets, patchify, random_masking
-from umd_lightning.stages.base import Schedule, StageError, UMDStage
-from umd_lightning.stages.ema import EMATeacher
+from umd_lightning.stages.base import Schedule, UMDStage
 
 # The EMA teacher stays in eval mode on purpose; Lightning's notice about eval-mode modules would only alarm.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
