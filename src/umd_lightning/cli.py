@@ -22,7 +22,7 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -101,6 +101,8 @@ class UMDCLI(LightningCLI):
             )
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks += [Preemption(), FinalCheckpoint()]
+        if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
+            trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
         return trainer
 
     # ------------------------------------------------------------------------------------------ checks

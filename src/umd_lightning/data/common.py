@@ -7,13 +7,14 @@ text is a data error; ``on_error="raise"`` (default) fails at set-up naming file
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import unicodedata
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +36,6 @@ OnError = Literal["raise", "skip"]
 ScanMode = Literal["full", "header", "none"]
 """How much of each image the set-up scan reads: ``full`` decodes it (finds truncated files), ``header`` opens it
 (finds missing and non-image files), ``none`` only checks the annotation."""
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def safe_join(root: str | Path, relative: Any, *, file: str | Path, record: str | int | None) -> Path:
@@ -93,6 +92,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return rgb
 
 
+@contextlib.contextmanager
+def _truncated_images_fail() -> Iterator[None]:
+    """PIL's ``LOAD_TRUNCATED_IMAGES`` off while one file is opened (a truncated file is a ``bad_image``, whatever
+    another library set globally), and the caller's value back afterwards."""
+    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
 def _open_image(path: Path, where: str | Path, record: str | int | None, decode: bool) -> Image.Image | None:
     """Open ``path`` and either decode it to RGB (``decode``) or only verify its header; every failure becomes a
     ``DataError`` of kind ``missing_image``, ``bad_image`` or ``image_too_large``."""
@@ -101,7 +111,7 @@ def _open_image(path: Path, where: str | Path, record: str | int | None, decode:
     if path.stat().st_size == 0:
         raise DataError("bad_image", where, record, f"image file is empty (0 bytes): {path}")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _truncated_images_fail():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if not decode:

@@ -237,11 +237,8 @@ class VQADataModule(DownstreamDataModule):
         dataset: the layout of ``root``: ``vqa_rad`` (official OSF release), ``vqa_rad_preprocessed`` (M3AE),
             ``slake``, ``vqa_med_2019`` (official ImageCLEF release) or ``vqa_med_2019_m3ae``.
         root: the data set's folder.
-        tokenizer: see :class:`DownstreamDataModule`.
-        image_size: side of the square images given to the model.
         max_text_length: questions are truncated to this many tokens.
         batch_size: questions per batch (per process).
-        num_workers: DataLoader worker processes.
         vocab: ``train`` (answers of the official training split, before any hold-out) or ``all_splits``
             (every split's answers, test included, as M3AE and the UMD reference: leaky).
         validation: ``heldout`` (a seeded ``val_fraction`` of the training images, with all their questions;
@@ -253,12 +250,8 @@ class VQADataModule(DownstreamDataModule):
         categories: VQA-Med-2019 categories (default modality, plane, organ; ``abnormality`` opt-in).
         skip_empty_answers: SLAKE: skip and count records with an empty answer even with ``on_error: raise`` (the
             published ``train.json`` has one, qid 1622); the shipped SLAKE configs turn it on.
-        mode: ``task`` or ``calib``.
-        mask_ratio_text: see :class:`DownstreamDataModule`.
-        on_error: see :class:`DownstreamDataModule`.
-        scan: see :class:`DownstreamDataModule`.
-        seed: see :class:`DownstreamDataModule`.
-        split_seed: seed of the held-out images (see :class:`DownstreamDataModule`).
+        **kwargs: the shared options (tokenizer, image_size, num_workers, mode, mask_ratio_text, on_error, scan,
+            seed, split_seed), see :class:`DownstreamDataModule`.
 
     Raises:
         ValueError: ``official`` validation for a set without a validation split, or bad option values.
@@ -270,38 +263,17 @@ class VQADataModule(DownstreamDataModule):
         self,
         dataset: Literal["vqa_rad", "vqa_rad_preprocessed", "slake", "vqa_med_2019", "vqa_med_2019_m3ae"],
         root: str,
-        tokenizer: str = "minilm",
-        image_size: int = 384,
         max_text_length: int = 32,
         batch_size: int = 64,
-        num_workers: int = 2,
         vocab: Literal["train", "all_splits"] = "train",
         validation: Literal["heldout", "val_is_test", "official"] = "heldout",
         val_fraction: float = 0.1,
         language: str | None = "en",
         categories: list[str] | None = None,
         skip_empty_answers: bool = False,
-        mode: Mode = "task",
-        mask_ratio_text: float = 0.15,
-        on_error: OnError = "raise",
-        scan: ScanMode = "full",
-        seed: int | None = None,
-        split_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            tokenizer=tokenizer,
-            image_size=image_size,
-            max_text_length=max_text_length,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            mode=mode,
-            mask_ratio_text=mask_ratio_text,
-            on_error=on_error,
-            scan=scan,
-            seed=seed,
-            split_seed=split_seed,
-        )
+        super().__init__(root=root, max_text_length=max_text_length, batch_size=batch_size, **kwargs)
         self.name = dataset
         self.dataset = dataset
         if validation == "heldout":
@@ -317,7 +289,7 @@ class VQADataModule(DownstreamDataModule):
             root,
             language=language,
             categories=categories,
-            on_error=on_error,
+            on_error=self.on_error,
             reports=reports,
             skip_empty_answers=skip_empty_answers,
         )
@@ -408,17 +380,10 @@ class ClassificationDataModule(DownstreamDataModule):
         label_column: the label; ``None`` picks the default: MELINDA ``p_meth_label`` (or ``i_meth``,
             ``p_meth``, ``i_meth_label``), MedPix ``Location Category`` (or ``Type``); MedMNIST has none.
         prompt: MedMNIST's fixed text (``None``: chosen from the file name, e.g. ``a chest x-ray``).
-        tokenizer: see :class:`DownstreamDataModule`.
-        image_size: side of the square images given to the model.
         max_text_length: captions are truncated to this many tokens (reference: 128 for MELINDA).
         batch_size: samples per batch (per process).
-        num_workers: DataLoader worker processes.
-        mode: ``task`` or ``calib``.
-        mask_ratio_text: see :class:`DownstreamDataModule`.
-        on_error: see :class:`DownstreamDataModule`.
-        scan: see :class:`DownstreamDataModule`.
-        seed: see :class:`DownstreamDataModule`.
-        split_seed: see :class:`DownstreamDataModule`.
+        **kwargs: the shared options (tokenizer, image_size, num_workers, mode, mask_ratio_text, on_error, scan,
+            seed, split_seed), see :class:`DownstreamDataModule`.
 
     Raises:
         ValueError: unknown label column (the valid ones are listed), a label column for MedMNIST, or a val or
@@ -433,41 +398,20 @@ class ClassificationDataModule(DownstreamDataModule):
         root: str,
         label_column: str | None = None,
         prompt: str | None = None,
-        tokenizer: str = "minilm",
-        image_size: int = 384,
         max_text_length: int = 128,
         batch_size: int = 16,
-        num_workers: int = 2,
-        mode: Mode = "task",
-        mask_ratio_text: float = 0.15,
-        on_error: OnError = "raise",
-        scan: ScanMode = "full",
-        seed: int | None = None,
-        split_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            tokenizer=tokenizer,
-            image_size=image_size,
-            max_text_length=max_text_length,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            mode=mode,
-            mask_ratio_text=mask_ratio_text,
-            on_error=on_error,
-            scan=scan,
-            seed=seed,
-            split_seed=split_seed,
-        )
+        super().__init__(root=root, max_text_length=max_text_length, batch_size=batch_size, **kwargs)
         self.name = dataset
         self.dataset = dataset
         self.label_column = label_column if label_column is not None else DEFAULT_LABEL_COLUMN.get(dataset)
         self.prompt = prompt
         reports: list[ScanReport] = []
         if dataset == "melinda":
-            records = melinda_records(root, label_column=self.label_column, on_error=on_error, reports=reports)
+            records = melinda_records(root, label_column=self.label_column, on_error=self.on_error, reports=reports)
         elif dataset == "medpix":
-            records = medpix_records(root, label_column=self.label_column, on_error=on_error, reports=reports)
+            records = medpix_records(root, label_column=self.label_column, on_error=self.on_error, reports=reports)
         elif dataset == "medmnist":
             if label_column is not None:
                 raise ValueError(f"medmnist has a single label; label_column must be None, got {label_column!r}")
@@ -533,20 +477,13 @@ class RetrievalDataModule(DownstreamDataModule):
     Args:
         dataset: ``roco`` (radiology subset) or ``medpix`` (MedPix 2.0 captions).
         root: the data set's folder.
-        tokenizer: see :class:`DownstreamDataModule`.
-        image_size: side of the square images given to the model.
         max_text_length: captions are truncated to this many tokens (reference: 40).
         batch_size: images per batch (per process).
-        num_workers: DataLoader worker processes.
         num_candidates: captions scored per training image, the true one included (reference: 16).
         max_eval_pairs: image-caption pairs kept per evaluation split, picked by a seeded shuffle (reference:
             2,000); ``None`` keeps all.
-        mode: ``task`` or ``calib``.
-        mask_ratio_text: see :class:`DownstreamDataModule`.
-        on_error: see :class:`DownstreamDataModule`.
-        scan: see :class:`DownstreamDataModule`.
-        seed: seed of the negatives and the calib masks (see :class:`DownstreamDataModule`).
-        split_seed: seed of the evaluation pick (see :class:`DownstreamDataModule`).
+        **kwargs: the shared options (tokenizer, image_size, num_workers, mode, mask_ratio_text, on_error, scan,
+            seed, split_seed), see :class:`DownstreamDataModule`.
     """
 
     task = "retrieval"
@@ -555,44 +492,23 @@ class RetrievalDataModule(DownstreamDataModule):
         self,
         dataset: Literal["roco", "medpix"],
         root: str,
-        tokenizer: str = "minilm",
-        image_size: int = 384,
         max_text_length: int = 40,
         batch_size: int = 128,
-        num_workers: int = 2,
         num_candidates: int = 16,
         max_eval_pairs: int | None = 2000,
-        mode: Mode = "task",
-        mask_ratio_text: float = 0.15,
-        on_error: OnError = "raise",
-        scan: ScanMode = "full",
-        seed: int | None = None,
-        split_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            tokenizer=tokenizer,
-            image_size=image_size,
-            max_text_length=max_text_length,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            mode=mode,
-            mask_ratio_text=mask_ratio_text,
-            on_error=on_error,
-            scan=scan,
-            seed=seed,
-            split_seed=split_seed,
-        )
+        super().__init__(root=root, max_text_length=max_text_length, batch_size=batch_size, **kwargs)
         self.name = dataset
         self.dataset = dataset
         self.num_candidates = num_candidates
         self.max_eval_pairs = max_eval_pairs
         reports: list[ScanReport] = []
-        records = read_retrieval_records(dataset, root, on_error=on_error, reports=reports)
+        records = read_retrieval_records(dataset, root, on_error=self.on_error, reports=reports)
         self.scan_reports += reports
         self.records = {split: [r for r in records if r["split"] == split] for split in SPLITS}
         distinct = len({r["text"] for r in self.records["train"]})
-        if mode == "task" and (num_candidates < 2 or distinct < num_candidates):
+        if self.mode == "task" and (num_candidates < 2 or distinct < num_candidates):
             raise ConfigError(
                 f"data.init_args.num_candidates={num_candidates} needs at least 2 and at most the {distinct} distinct "
                 f"training captions of {dataset} at {root}"

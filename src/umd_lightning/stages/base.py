@@ -189,11 +189,8 @@ class UMDStage(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, hp.warmup_ratio, hp.schedule))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for group in optimizer.param_groups:
-            self.log(f"lr/{group.get('name', 'group')}", group["lr"], on_step=True, on_epoch=False)
+        # "name" makes LearningRateMonitor (added by the CLI) log each group as lr/<group name>.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}
 
     # ------------------------------------------------------------------------------------- stage hand-off
     def configure_model(self) -> None:

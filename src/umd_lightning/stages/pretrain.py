@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from umd_lightning.errors import StageError
-from umd_lightning.stages.reconstruction import FeatureLoss, MaskMode, ReconstructionStage
+from umd_lightning.stages.reconstruction import ReconstructionStage
 
 TEACHER_KEYS = "teacher.module."
 
@@ -21,50 +21,17 @@ class MRPretrain(ReconstructionStage):
     the student.
 
     Args:
-        mask_ratio_image: fraction of patches masked per sample.
-        mask_mode: ``joint`` (one masked pass, UMD reference) or ``separate`` (M3AE's two passes).
-        feature_loss: ``predictive`` (default) or ``reference`` (the authors' defective version).
-        alpha: weight of the reconstruction terms.
-        w_itm: weight of ITM.
-        w_mim: weight of pixel MIM.
-        w_mlm: weight of MLM.
-        w_feamim: weight of feature MIM.
-        w_feamlm: weight of feature MLM.
-        ema_momentum: EMA teacher momentum per optimiser step.
-        **kwargs: backbone, optimiser and schedule, see :class:`~umd_lightning.stages.base.UMDStage`.
+        **kwargs: the losses, masking and EMA teacher (see
+            :class:`~umd_lightning.stages.reconstruction.ReconstructionStage`: ``mask_ratio_image``, ``mask_mode``,
+            ``feature_loss``, ``alpha``, ``w_itm`` ... ``w_feamlm``, ``ema_momentum``) and the backbone, optimiser
+            and schedule (see :class:`~umd_lightning.stages.base.UMDStage`).
     """
 
     stage_name = "pretrain"
     accepts_pretrained_from = ("pretrain",)
 
-    def __init__(
-        self,
-        mask_ratio_image: float = 0.75,
-        mask_mode: MaskMode = "joint",
-        feature_loss: FeatureLoss = "predictive",
-        alpha: float = 0.5,
-        w_itm: float = 1.0,
-        w_mim: float = 1.0,
-        w_mlm: float = 1.0,
-        w_feamim: float = 1.0,
-        w_feamlm: float = 1.0,
-        ema_momentum: float = 0.995,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            mask_ratio_image=mask_ratio_image,
-            mask_mode=mask_mode,
-            feature_loss=feature_loss,
-            alpha=alpha,
-            w_itm=w_itm,
-            w_mim=w_mim,
-            w_mlm=w_mlm,
-            w_feamim=w_feamim,
-            w_feamlm=w_feamlm,
-            ema_momentum=ema_momentum,
-            **kwargs,
-        )
-
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._teacher_from_checkpoint = False
 
     def pretrained_prefixes(self) -> tuple[str, ...]:

@@ -28,8 +28,8 @@ from umd_lightning.models.heads import FeaturePredictor, ITMHead, MIMDecoder, ML
 from umd_lightning.models.masking import normalized_pixel_targets, patchify, random_masking
 from umd_lightning.stages.base import Schedule, UMDStage
 
-# The EMA teacher stays in eval mode on purpose; Lightning's notice about eval-mode modules would only alarm.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+EVAL_MODE_NOTICE = r"Found \d+ module\(s\) in eval mode at the start of training"
+"""Lightning's warning about modules in eval mode when training starts (the EMA teacher's, on purpose)."""
 
 MaskMode = Literal["joint", "separate"]
 FeatureLoss = Literal["predictive", "reference"]
@@ -163,6 +163,9 @@ class ReconstructionStage(UMDStage):
 
     # ------------------------------------------------------------------------------------------ teacher
     def on_fit_start(self) -> None:
+        # The EMA teacher stays in eval mode on purpose; Lightning's notice about eval-mode modules (given next, as
+        # the fit loop starts) would only alarm. Installed when a reconstruction stage fits, not when it is imported.
+        warnings.filterwarnings("ignore", message=EVAL_MODE_NOTICE)
         # Resumed runs keep the restored teacher; fresh runs (also after `pretrained` loading) copy the student.
         if self.teacher is not None and self.trainer.ckpt_path is None:
             self.teacher.copy_from(self.backbone)
