@@ -27,10 +27,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from umd_lightning.callbacks.predictions import JsonlPredictionWriter
 from umd_lightning.callbacks.preemption import FinalCheckpoint, Preemption, interrupted_by
 from umd_lightning.checkpointing import RunFolderGuard, newest_readable_checkpoint
 from umd_lightning.errors import ConfigError, DataError, StageError
-from umd_lightning.predict import JsonlPredictionWriter
 from umd_lightning.runs import (
     BEST,
     LAST,

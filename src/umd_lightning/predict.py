@@ -1,7 +1,8 @@
-"""Predictions: JSON lines from ``umd predict`` and a small Python API for a fine-tuned checkpoint.
+"""The Predictor: a small Python API for a fine-tuned checkpoint or an exported folder.
 
-``umd predict --config <finetune yaml> --ckpt_path <checkpoint>`` writes one JSON object per sample to
-``predictions.jsonl`` in the run folder (``--predictions.output`` to choose). In Python::
+(``umd predict --config <finetune yaml> --ckpt_path <checkpoint>`` writes one JSON object per sample to
+``predictions.jsonl`` in the run folder, ``--predictions.output`` to choose: see
+:class:`umd_lightning.callbacks.predictions.JsonlPredictionWriter`.) In Python::
 
     predictor = Predictor.from_checkpoint("runs/.../best.ckpt")
     predictor.answer("scan.jpg", "is there a pneumothorax?")   # [("no", 0.91), ("yes", 0.07), ...]
@@ -10,107 +11,15 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-from torch import Tensor
 
+from umd_lightning.data.common import is_visible, load_image
 from umd_lightning.errors import check_range
-
-TOP_ANSWERS = 5
-TOP_CAPTIONS = 10
-
-
-def describe_predictions(
-    task: str, logits: Tensor, batch: dict[str, Any], labels: Sequence[str] | None
-) -> list[dict[str, Any]]:
-    """Turn a batch of task outputs into one JSON-ready dict per sample.
-
-    - ``vqa``: ``{"qid", "question", "answer", "top5": [[answer, probability], ...]}`` (sigmoid probabilities, as the
-      head is trained with a per-answer BCE).
-    - ``classification``: ``{"id", "label", "probabilities": {class: p}}`` (softmax).
-    - ``retrieval``: ``{"image_index", "top10": [[caption id, score], ...]}``; ``labels`` are the caption ids.
-    """
-    logits = logits.detach().float().cpu()
-    names = list(labels) if labels is not None else [str(i) for i in range(logits.shape[-1])]
-    rows: list[dict[str, Any]] = []
-    if task == "vqa":
-        probabilities = logits.sigmoid()
-        top = probabilities.topk(min(TOP_ANSWERS, probabilities.shape[-1]), dim=-1)
-        for i in range(logits.shape[0]):
-            pairs = [[names[j], round(float(p), 6)] for p, j in zip(top.values[i], top.indices[i])]
-            rows.append(
-                {
-                    "qid": batch["qids"][i],
-                    "question": batch["questions"][i],
-                    "answer": pairs[0][0],
-                    "top5": pairs,
-                }
-            )
-    elif task == "classification":
-        probabilities = logits.softmax(-1)
-        for i in range(logits.shape[0]):
-            rows.append(
-                {
-                    "id": batch["ids"][i],
-                    "label": names[int(probabilities[i].argmax())],
-                    "probabilities": {name: round(float(p), 6) for name, p in zip(names, probabilities[i])},
-                }
-            )
-    elif task == "retrieval":
-        top = logits.topk(min(TOP_CAPTIONS, logits.shape[-1]), dim=-1)
-        for i in range(logits.shape[0]):
-            rows.append(
-                {
-                    "image_index": int(batch["image_index"][i]),
-                    "top10": [[names[j], round(float(s), 6)] for s, j in zip(top.values[i], top.indices[i])],
-                }
-            )
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    return rows
-
-
-class JsonlPredictionWriter(Callback):
-    """Writes what ``predict_step`` returns as JSON lines, one file per process (rank suffix under DDP).
-
-    Args:
-        output: the file to write; default ``predictions.jsonl`` in the trainer's log folder.
-    """
-
-    def __init__(self, output: str | None = None) -> None:
-        self.output = output
-        self._handle = None
-        self._label: dict[str, Any] = {}
-        self.path: Path | None = None
-
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from umd_lightning.runs import evaluation_leaks
-
-        # A model selected or scored under a leaky policy says so in every row it writes.
-        notes = evaluation_leaks(pl_module, trainer.datamodule)
-        self._label = {"leaky": True, "leak_notes": notes} if notes else {}
-        path = Path(self.output) if self.output else Path(trainer.log_dir or ".") / "predictions.jsonl"
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._handle = path.open("w", encoding="utf-8")
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        for row in outputs or []:
-            self._handle.write(json.dumps({**row, **self._label}, ensure_ascii=False) + "\n")
-
-    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-            leaky = f" (LEAKY evaluation: {'; '.join(self._label['leak_notes'])})" if self._label else ""
-            print(f"predictions written to {self.path}{leaky}")
+from umd_lightning.hub import UMDInferenceModel
+from umd_lightning.stages.finetune import TOP_ANSWERS
 
 
 class Predictor:
@@ -141,8 +50,6 @@ class Predictor:
             StageError: the file is missing, unreadable, needs full unpickling, or is not a fine-tuning checkpoint
                 (each named in one line).
         """
-        from umd_lightning.hub import UMDInferenceModel
-
         return cls(UMDInferenceModel.from_checkpoint(path).to(map_location))
 
     @classmethod
@@ -154,8 +61,6 @@ class Predictor:
             ExportError: a folder of the old export format, a missing or damaged file, or answers that do not
                 match the weights (one line naming the file).
         """
-        from umd_lightning.hub import UMDInferenceModel
-
         return cls(UMDInferenceModel.from_pretrained(str(folder), map_location=map_location))
 
     @torch.no_grad()
@@ -166,8 +71,6 @@ class Predictor:
             ValueError: ``text`` is not a string with a visible character (a model answers anything, even nothing).
             DataError: the image is missing or does not decode.
         """
-        from umd_lightning.data.common import is_visible, load_image
-
         if not isinstance(text, str) or not is_visible(text):
             raise ValueError(f"the question/text is empty ({text!r}): give the question to answer")
         check_range("top_k", top_k, low=1)

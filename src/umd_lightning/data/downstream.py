@@ -552,6 +552,19 @@ class RetrievalDataModule(DownstreamDataModule):
             )
         return collate_images
 
+    def eval_captions(self, stage: str) -> tuple[RetrievalEvalSplit, torch.Tensor, torch.Tensor]:
+        """What a model needs to score a stage's retrieval split: the split (:meth:`eval_split`) and its captions
+        tokenised as the training texts are, ``(input_ids, attention_mask)``, both ``(T, L)``.
+
+        Raises:
+            RuntimeError: see :meth:`eval_split`.
+        """
+        split = self.eval_split(stage)
+        encoded = self.text_tokenizer(
+            list(split.captions), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        )
+        return split, encoded["input_ids"], encoded["attention_mask"]
+
     def eval_split(self, stage: str) -> RetrievalEvalSplit:
         """The evaluation split of a stage (``fit``/``validate``/``val`` -> val, ``test`` -> test), with its
         caption list; ``setup()`` must have built it.

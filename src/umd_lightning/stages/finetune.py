@@ -7,7 +7,7 @@ set up, and are saved in the checkpoint's hyper-parameters so a fine-tuned model
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -23,10 +23,13 @@ from umd_lightning.metrics.retrieval import recall_at_k
 from umd_lightning.metrics.vqa import VQAAccuracy
 from umd_lightning.models.backbone import BackboneOutput
 from umd_lightning.models.heads import ClassifierHead, ITMHead, RetrievalHead
-from umd_lightning.predict import describe_predictions
 from umd_lightning.stages.base import Schedule, UMDStage
 
 Task = Literal["vqa", "classification", "retrieval"]
+TOP_ANSWERS = 5
+"""Answers (with probabilities) in each ``umd predict`` row of a VQA model."""
+TOP_CAPTIONS = 10
+"""Captions (with scores) in each ``umd predict`` row of a retrieval model."""
 
 
 def gather_rows(rows: Tensor) -> Tensor:
@@ -40,6 +43,56 @@ def gather_rows(rows: Tensor) -> Tensor:
     gathered = [torch.zeros_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     return torch.cat([part[: int(c.item())] for part, c in zip(gathered, counts)])
+
+
+def describe_predictions(
+    task: str, logits: Tensor, batch: dict[str, Any], labels: Sequence[str] | None
+) -> list[dict[str, Any]]:
+    """Turn a batch of task outputs into one JSON-ready dict per sample.
+
+    - ``vqa``: ``{"qid", "question", "answer", "top5": [[answer, probability], ...]}`` (sigmoid probabilities, as the
+      head is trained with a per-answer BCE).
+    - ``classification``: ``{"id", "label", "probabilities": {class: p}}`` (softmax).
+    - ``retrieval``: ``{"image_index", "top10": [[caption id, score], ...]}``; ``labels`` are the caption ids.
+    """
+    logits = logits.detach().float().cpu()
+    names = list(labels) if labels is not None else [str(i) for i in range(logits.shape[-1])]
+    rows: list[dict[str, Any]] = []
+    if task == "vqa":
+        probabilities = logits.sigmoid()
+        top = probabilities.topk(min(TOP_ANSWERS, probabilities.shape[-1]), dim=-1)
+        for i in range(logits.shape[0]):
+            pairs = [[names[j], round(float(p), 6)] for p, j in zip(top.values[i], top.indices[i])]
+            rows.append(
+                {
+                    "qid": batch["qids"][i],
+                    "question": batch["questions"][i],
+                    "answer": pairs[0][0],
+                    "top5": pairs,
+                }
+            )
+    elif task == "classification":
+        probabilities = logits.softmax(-1)
+        for i in range(logits.shape[0]):
+            rows.append(
+                {
+                    "id": batch["ids"][i],
+                    "label": names[int(probabilities[i].argmax())],
+                    "probabilities": {name: round(float(p), 6) for name, p in zip(names, probabilities[i])},
+                }
+            )
+    elif task == "retrieval":
+        top = logits.topk(min(TOP_CAPTIONS, logits.shape[-1]), dim=-1)
+        for i in range(logits.shape[0]):
+            rows.append(
+                {
+                    "image_index": int(batch["image_index"][i]),
+                    "top10": [[names[j], round(float(s), 6)] for s, j in zip(top.values[i], top.indices[i])],
+                }
+            )
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return rows
 
 
 class FineTune(UMDStage):
@@ -262,18 +315,12 @@ class FineTune(UMDStage):
     def _prepare_retrieval(self, stage: str) -> None:
         if self.hparams.task != "retrieval":
             return
-        datamodule = self.trainer.datamodule
-        split = datamodule.eval_split("validate" if stage == "val" else "test")
-        tokenizer = datamodule.text_tokenizer
-        encoded = tokenizer(
-            list(split.captions),
-            padding=True,
-            truncation=True,
-            max_length=datamodule.max_text_length,
-            return_tensors="pt",
+        # The DataModule hands over the split and its tokenised captions (RetrievalDataModule.eval_captions).
+        split, input_ids, attention_mask = self.trainer.datamodule.eval_captions(
+            "validate" if stage == "val" else "test"
         )
         self._eval_split = split
-        self._eval_text = (encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device))
+        self._eval_text = (input_ids.to(self.device), attention_mask.to(self.device))
         self._eval_scores = []
 
     @torch.no_grad()
@@ -318,7 +365,7 @@ class FineTune(UMDStage):
         self._prepare_retrieval("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """One JSON-ready dict per sample (see :func:`umd_lightning.predict.describe_predictions`); retrieval
+        """One JSON-ready dict per sample (see :func:`describe_predictions`); retrieval
         ranks the test split's captions for each image."""
         if self.hparams.task == "retrieval":
             scores = self._score_images(batch)
