@@ -19,7 +19,7 @@ import torch
 from umd_lightning.data.common import is_visible, load_image
 from umd_lightning.errors import check_range
 from umd_lightning.hub import UMDInferenceModel
-from umd_lightning.stages.finetune import TOP_ANSWERS
+from umd_lightning.stages.tasks.vqa import TOP_ANSWERS
 
 
 class Predictor:

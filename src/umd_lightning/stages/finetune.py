@@ -7,96 +7,27 @@ set up, and are saved in the checkpoint's hyper-parameters so a fine-tuned model
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from umd_lightning.callbacks.gm_coord import GMCoordInputs
 from umd_lightning.errors import StageError
-from umd_lightning.metrics.classification import classification_metrics
-from umd_lightning.metrics.retrieval import recall_at_k
-from umd_lightning.metrics.vqa import VQAAccuracy
 from umd_lightning.models.backbone import BackboneOutput
-from umd_lightning.models.heads import ClassifierHead, ITMHead, RetrievalHead
+from umd_lightning.models.heads import ITMHead
 from umd_lightning.stages.base import Schedule, UMDStage
+from umd_lightning.stages.tasks import TASKS, FineTuneTask
 
 Task = Literal["vqa", "classification", "retrieval"]
-TOP_ANSWERS = 5
-"""Answers (with probabilities) in each ``umd predict`` row of a VQA model."""
-TOP_CAPTIONS = 10
-"""Captions (with scores) in each ``umd predict`` row of a retrieval model."""
-
-
-def gather_rows(rows: Tensor) -> Tensor:
-    """Concatenate every rank's rows (ranks may hold different numbers of rows: evaluation samplers do not pad)."""
-    count = torch.tensor([rows.shape[0]], device=rows.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    longest = int(max(c.item() for c in counts))
-    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.zeros_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    return torch.cat([part[: int(c.item())] for part, c in zip(gathered, counts)])
-
-
-def describe_predictions(
-    task: str, logits: Tensor, batch: dict[str, Any], labels: Sequence[str] | None
-) -> list[dict[str, Any]]:
-    """Turn a batch of task outputs into one JSON-ready dict per sample.
-
-    - ``vqa``: ``{"qid", "question", "answer", "top5": [[answer, probability], ...]}`` (sigmoid probabilities, as the
-      head is trained with a per-answer BCE).
-    - ``classification``: ``{"id", "label", "probabilities": {class: p}}`` (softmax).
-    - ``retrieval``: ``{"image_index", "top10": [[caption id, score], ...]}``; ``labels`` are the caption ids.
-    """
-    logits = logits.detach().float().cpu()
-    names = list(labels) if labels is not None else [str(i) for i in range(logits.shape[-1])]
-    rows: list[dict[str, Any]] = []
-    if task == "vqa":
-        probabilities = logits.sigmoid()
-        top = probabilities.topk(min(TOP_ANSWERS, probabilities.shape[-1]), dim=-1)
-        for i in range(logits.shape[0]):
-            pairs = [[names[j], round(float(p), 6)] for p, j in zip(top.values[i], top.indices[i])]
-            rows.append(
-                {
-                    "qid": batch["qids"][i],
-                    "question": batch["questions"][i],
-                    "answer": pairs[0][0],
-                    "top5": pairs,
-                }
-            )
-    elif task == "classification":
-        probabilities = logits.softmax(-1)
-        for i in range(logits.shape[0]):
-            rows.append(
-                {
-                    "id": batch["ids"][i],
-                    "label": names[int(probabilities[i].argmax())],
-                    "probabilities": {name: round(float(p), 6) for name, p in zip(names, probabilities[i])},
-                }
-            )
-    elif task == "retrieval":
-        top = logits.topk(min(TOP_CAPTIONS, logits.shape[-1]), dim=-1)
-        for i in range(logits.shape[0]):
-            rows.append(
-                {
-                    "image_index": int(batch["image_index"][i]),
-                    "top10": [[names[j], round(float(s), 6)] for s, j in zip(top.values[i], top.indices[i])],
-                }
-            )
-    else:
-        raise ValueError(f"unknown task {task!r}")
-    return rows
 
 
 class FineTune(UMDStage):
-    """Supervised fine-tuning of the shared backbone with a task head.
+    """Supervised fine-tuning of the shared backbone with a task head. What differs by task (head, loss, metrics,
+    evaluation, prediction rows) is in ``stages/tasks/<task>.py``; the stage holds the backbone, the hand-off and
+    the optimiser, and calls the task.
 
     - ``vqa``: ``BCEWithLogits(logits, targets) * |A|``; metrics: open / closed / overall accuracy.
     - ``classification``: cross-entropy over ``C`` classes; metrics: accuracy, macro-F1, macro AUROC.
@@ -137,29 +68,25 @@ class FineTune(UMDStage):
     ) -> None:
         super().__init__(lr=lr, lr_mult=lr_mult, head_lr_mult=head_lr_mult, schedule=schedule, **kwargs)
         self.head: nn.Module | None = None
+        self.task_impl: FineTuneTask | None = None
         self.gm_coord_inputs: GMCoordInputs | None = None
-        self._eval_scores: list[tuple[Tensor, Tensor]] = []
-        self._eval_text: tuple[Tensor, Tensor] | None = None
         if task is not None and (task == "retrieval" or num_outputs):
             self._build_task(task, num_outputs, labels)
 
     def _build_task(self, task: str, num_outputs: int | None, labels: list[str] | None) -> None:
         if task not in ("vqa", "classification", "retrieval"):
             raise StageError(f"task must be 'vqa', 'classification' or 'retrieval', got {task!r}")
-        joint = 2 * self.backbone.width
-        if task == "retrieval":
-            self.head = RetrievalHead(joint)
-        else:
+        if task != "retrieval":
             if not num_outputs:
                 raise StageError(f"task {task!r} needs num_outputs (the data module's answers or classes)")
             if labels is not None and len(labels) != num_outputs:
                 raise StageError(f"{len(labels)} labels given for num_outputs={num_outputs}")
-            self.head = ClassifierHead(joint, num_outputs)
-        if task == "vqa":
-            self.val_metric, self.test_metric = VQAAccuracy(), VQAAccuracy()
-        elif task == "classification":
-            self.val_metric = classification_metrics(num_outputs, prefix="val/")
-            self.test_metric = classification_metrics(num_outputs, prefix="test/")
+        # The task's head, loss, metrics, evaluation and prediction rows live in stages/tasks/<task>.py.
+        self.task_impl = TASKS[task]()
+        self.head = self.task_impl.build_head(2 * self.backbone.width, num_outputs)
+        val_metric, test_metric = self.task_impl.build_metrics(num_outputs)
+        if val_metric is not None:
+            self.val_metric, self.test_metric = val_metric, test_metric
 
     def configure_model(self) -> None:
         """Build the task head from the DataModule when the task was not given (the CLI's case): the task, the
@@ -239,16 +166,8 @@ class FineTune(UMDStage):
         return self.head(out.pooled), out
 
     def _loss(self, logits: Tensor, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """(loss, target index) for the batch."""
-        task = self.hparams.task
-        if task == "vqa":
-            targets = batch["targets"].to(logits.dtype)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float()) * targets.shape[1]
-            return loss, targets.argmax(dim=-1)
-        if task == "classification":
-            return F.cross_entropy(logits.float(), batch["labels"]), batch["labels"]
-        target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        return F.cross_entropy(logits.float(), target), target
+        """(loss, target index) for the batch (the task's loss)."""
+        return self.task_impl.loss(logits, batch)
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor | None:
         if batch is None:  # every sample of the batch was dropped (on_error: skip): no step
@@ -258,8 +177,7 @@ class FineTune(UMDStage):
         self.check_finite({"loss": loss})
         batch_size = logits.shape[0]
         h_t, h_v = out.text_pooled.detach(), out.image_pooled.detach()
-        if self.hparams.task == "retrieval":
-            h_t, h_v = h_t.view(batch_size, -1, h_t.shape[-1]), h_v.view(batch_size, -1, h_v.shape[-1])
+        h_t, h_v = self.task_impl.gm_coord_features(h_t, h_v, batch_size)
         self.gm_coord_inputs = GMCoordInputs(text=h_t, image=h_v, target=target)
         self.log("train/loss", loss.detach(), batch_size=batch_size, prog_bar=True)
         return loss
@@ -268,18 +186,7 @@ class FineTune(UMDStage):
     def _eval_step(self, batch: dict[str, Any] | None, stage: str) -> None:
         if batch is None:  # every sample of the batch was dropped (on_error: skip)
             return
-        task = self.hparams.task
-        if task == "retrieval":
-            self._score_images(batch)
-            return
-        metric = self.val_metric if stage == "val" else self.test_metric
-        logits, _ = self._logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        loss, _ = self._loss(logits, batch)
-        self.log(f"{stage}/loss", loss, batch_size=logits.shape[0], sync_dist=True)
-        if task == "vqa":
-            metric.update(logits.argmax(-1), batch["answer_index"], batch["is_closed"])
-        else:
-            metric.update(logits.float().softmax(-1), batch["labels"])
+        self.task_impl.evaluation_step(self, batch, stage)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -288,22 +195,15 @@ class FineTune(UMDStage):
         self._eval_step(batch, "test")
 
     def _eval_epoch_end(self, stage: str) -> dict[str, float]:
-        task = self.hparams.task
-        if task == "retrieval":
-            results = self._retrieval_results(stage)
-        else:
-            metric = self.val_metric if stage == "val" else self.test_metric
-            computed = metric.compute()
-            metric.reset()
-            results = {f"{stage}/{k}": v for k, v in computed.items()} if task == "vqa" else dict(computed)
+        results = self.task_impl.evaluation_results(self, stage)
         self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in results.items()})
         return {k: float(v) for k, v in results.items()}
 
     def on_validation_epoch_start(self) -> None:
-        self._prepare_retrieval("val")
+        self.task_impl.prepare_evaluation(self, "val")
 
     def on_test_epoch_start(self) -> None:
-        self._prepare_retrieval("test")
+        self.task_impl.prepare_evaluation(self, "test")
 
     def on_validation_epoch_end(self) -> None:
         self.last_results = self._eval_epoch_end("val")
@@ -311,65 +211,11 @@ class FineTune(UMDStage):
     def on_test_epoch_end(self) -> None:
         self.last_results = self._eval_epoch_end("test")
 
-    # ------------------------------------------------------------------------------------ retrieval scoring
-    def _prepare_retrieval(self, stage: str) -> None:
-        if self.hparams.task != "retrieval":
-            return
-        # The DataModule hands over the split and its tokenised captions (RetrievalDataModule.eval_captions).
-        split, input_ids, attention_mask = self.trainer.datamodule.eval_captions(
-            "validate" if stage == "val" else "test"
-        )
-        self._eval_split = split
-        self._eval_text = (input_ids.to(self.device), attention_mask.to(self.device))
-        self._eval_scores = []
-
-    @torch.no_grad()
-    def _score_images(self, batch: dict[str, Any]) -> Tensor:
-        """Cross-encoder scores (B, T) of each image in the batch against every caption of the split."""
-        input_ids, attention_mask = self._eval_text
-        images = self.backbone.embed_image(batch["pixel_values"])
-        rows = []
-        for image in images:
-            row = []
-            for start in range(0, input_ids.shape[0], self.hparams.text_chunk):
-                ids = input_ids[start : start + self.hparams.text_chunk]
-                mask = attention_mask[start : start + self.hparams.text_chunk]
-                text = self.backbone.embed_text(ids, mask)
-                out = self.backbone.fuse(text, mask, image.unsqueeze(0).expand(ids.shape[0], -1, -1))
-                row.append(self.head(out.pooled).float())
-            rows.append(torch.cat(row))
-        scores = torch.stack(rows)
-        self._eval_scores.append((batch["image_index"], scores))
-        return scores
-
-    def _retrieval_results(self, stage: str) -> dict[str, float]:
-        indices = torch.cat([i for i, _ in self._eval_scores]).to(self.device)
-        scores = torch.cat([s for _, s in self._eval_scores]).to(self.device)
-        if self.trainer.world_size > 1:
-            indices, scores = gather_rows(indices), gather_rows(scores)
-        # Keep one row per image, in image order (a padding sampler would repeat some).
-        order = torch.argsort(indices, stable=True)
-        indices, scores = indices[order], scores[order]
-        first = torch.ones_like(indices, dtype=torch.bool)
-        first[1:] = indices[1:] != indices[:-1]
-        scores = scores[first].cpu()
-        split = self._eval_split
-        if scores.shape[0] != len(split.image_captions):
-            raise StageError(f"scored {scores.shape[0]} images but the {stage} split has {len(split.image_captions)}")
-        results = recall_at_k(scores, list(split.image_captions), list(split.captions))
-        self._eval_scores = []
-        return {f"{stage}/{k}": float(v) for k, v in results.items()}
-
     # ------------------------------------------------------------------------------------ prediction
     def on_predict_epoch_start(self) -> None:
-        self._prepare_retrieval("test")
+        self.task_impl.prepare_evaluation(self, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """One JSON-ready dict per sample (see :func:`describe_predictions`); retrieval
-        ranks the test split's captions for each image."""
-        if self.hparams.task == "retrieval":
-            scores = self._score_images(batch)
-            self._eval_scores = []
-            return describe_predictions("retrieval", scores, batch, self._eval_split.caption_ids)
-        logits = self(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-        return describe_predictions(self.hparams.task, logits, batch, self.hparams.labels)
+        """One JSON-ready dict per sample, described by the task (``stages/tasks/<task>.py``); retrieval ranks the
+        test split's captions for each image."""
+        return self.task_impl.predict_step(self, batch)
