@@ -1,0 +1,1 @@
+"""One writer per publisher layout: ``write(root, n, size, rng)`` functions, registered in ``generate``."""
