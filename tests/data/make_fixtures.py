@@ -1,8 +1,8 @@
 """Write the committed test fixtures: every synthetic layout, 12 images of 32 px each, seed 2024.
 
 Run from the repository root: ``python tests/data/make_fixtures.py`` (or ``--out DIR`` to write elsewhere).
-It replaces the layout folders next to this file; ``tests/test_synthetic.py`` checks that the committed files
-equal a fresh run, so change the generator and then re-run this script in the same commit.
+It replaces the layout folders next to this file; ``tests/data_tests/synthetic/test_generate.py`` checks that
+the committed files equal a fresh run, so change the generator and then re-run this script in the same commit.
 """
 
 from __future__ import annotations
