@@ -1,5 +1,6 @@
-"""The package's import graph, read with ``ast`` (nothing imported): module-level imports form no cycle, and the
-fine-tuning task modules (``stages/tasks/``) import none of each other, only their shared base."""
+"""The package's import graph, read with ``ast`` (nothing imported): module-level imports form no cycle, the
+fine-tuning task modules (``stages/tasks/``) import only their shared base, and the data task modules (pretrain,
+vqa, classification, retrieval) import none of each other."""
 
 from __future__ import annotations
 
@@ -84,3 +85,15 @@ def test_task_modules_import_only_their_base() -> None:
     for task in tasks:
         siblings = {t for t in graph[task] if t.startswith("umd_lightning.stages.")}
         assert siblings == {"umd_lightning.stages.tasks.base"}, (task, siblings)
+
+
+def test_data_task_modules_import_no_other_task_module() -> None:
+    """Pre-training, VQA, classification and retrieval read shared publishers through ``data/sources/`` and shared
+    file rules through ``data/files.py``, never through each other."""
+    graph = import_graph()
+    tasks = {f"umd_lightning.data.{name}" for name in ("pretrain", "vqa", "classification", "retrieval")}
+    crossing = {task: sorted(graph[task] & tasks) for task in sorted(tasks) if graph[task] & tasks}
+    assert not crossing, crossing
+    sources = {name for name in graph if name.startswith("umd_lightning.data.sources.")}
+    assert {"umd_lightning.data.sources.roco", "umd_lightning.data.sources.medpix"} <= sources
+    assert all(not graph[source] & tasks for source in sources)

@@ -23,6 +23,8 @@ from umd_lightning.data.common import (
     RuntimeSkips,
     ScanMode,
     ScanReport,
+    add_report,
+    check_label_column,
     check_text,
     load_scanned_image,
     safe_join,
@@ -30,27 +32,15 @@ from umd_lightning.data.common import (
     scan_images,
     to_rgb,
 )
-from umd_lightning.data.pretrain import parse_medpix_line, read_csv_rows, read_lines
-from umd_lightning.data.vqa import require_files
+from umd_lightning.data.files import read_csv_rows, require_files
 
 ClassificationDatasetName = Literal["melinda", "medpix", "medmnist"]
 MELINDA_LABEL_COLUMNS = ("i_meth", "p_meth", "i_meth_label", "p_meth_label")
-MEDPIX_LABEL_COLUMNS = ("Location Category", "Type")
 DEFAULT_LABEL_COLUMN = {"melinda": "p_meth_label", "medpix": "Location Category", "medmnist": None}
 
 Record = dict[str, Any]
 
 log = logging.getLogger(__name__)
-
-
-def _check_label_column(dataset: str, label_column: str, valid: Sequence[str]) -> None:
-    if label_column not in valid:
-        raise ValueError(f"{dataset}: unknown label column {label_column!r}; valid columns are {list(valid)}")
-
-
-def _report(reports: list[ScanReport] | None, report: ScanReport) -> None:
-    if reports is not None:
-        reports.append(report)
 
 
 def melinda_records(
@@ -71,7 +61,7 @@ def melinda_records(
         DataError: a CSV without a required column (named; kind ``missing_column``), whatever ``on_error``.
         FileNotFoundError: a split file is missing.
     """
-    _check_label_column("melinda", label_column, MELINDA_LABEL_COLUMNS)
+    check_label_column("melinda", label_column, MELINDA_LABEL_COLUMNS)
     root = Path(root)
     files = {"train": "train.csv", "val": "dev.csv", "test": "test.csv"}
     require_files(root, files.values(), "melinda")
@@ -94,63 +84,7 @@ def melinda_records(
 
         numbered = list(enumerate(rows, start=2))  # line 1 is the header
         kept, report = scan(numbered, parse, name=f"melinda/{split}", on_error=on_error, progress=False)
-        _report(reports, report)
-        records += kept
-    return records
-
-
-def medpix_root(root: str | Path) -> Path:
-    """The MedPix 2.0 folder holding ``splitted_dataset/``: ``root`` itself or its ``MedPix-2-0`` child."""
-    root = Path(root)
-    if not (root / "splitted_dataset").is_dir() and (root / "MedPix-2-0" / "splitted_dataset").is_dir():
-        return root / "MedPix-2-0"
-    return root
-
-
-def medpix_records(
-    root: str | Path,
-    *,
-    label_column: str = "Location Category",
-    on_error: OnError = "raise",
-    reports: list[ScanReport] | None = None,
-) -> list[Record]:
-    """MedPix 2.0: ``splitted_dataset/descriptions_{train,dev,test}.jsonl`` with images
-    ``images/<image>.png``;
-    text = ``Description.Caption``, label = ``Location Category`` (5 classes) or ``Type`` (CT / MR).
-
-    Records also carry ``case`` (``U_id``): splits are by case, and captions repeat within a case.
-
-    Raises:
-        ValueError: unknown label column.
-        FileNotFoundError: a split file is missing.
-    """
-    _check_label_column("medpix", label_column, MEDPIX_LABEL_COLUMNS)
-    root = medpix_root(root)
-    files = {
-        "train": "descriptions_train.jsonl",
-        "val": "descriptions_dev.jsonl",
-        "test": "descriptions_test.jsonl",
-    }
-    require_files(root, [f"splitted_dataset/{name}" for name in files.values()], "medpix")
-    records: list[Record] = []
-    for split, name in files.items():
-        file = root / "splitted_dataset" / name
-        lines = read_lines(file)
-
-        def parse(item: tuple[int, bytes], file: Path = file, split: str = split) -> Record:
-            number, raw = item
-            entry, record_id, image, caption = parse_medpix_line(raw, root=root, file=file, line=number)
-            return {
-                "id": record_id,
-                "image": image,
-                "text": caption,
-                "label_name": check_text(entry.get(label_column), file=file, record=record_id, what=label_column),
-                "case": str(entry.get("U_id", "")),
-                "split": split,
-            }
-
-        kept, report = scan(lines, parse, name=f"medpix/{split}", on_error=on_error, progress=False)
-        _report(reports, report)
+        add_report(reports, report)
         records += kept
     return records
 

@@ -430,3 +430,13 @@ def scan_images(
     if noted.notes:
         log.warning(report.summary())
     return kept, report
+
+
+def check_label_column(dataset: str, label_column: str, valid: Sequence[str]) -> None:
+    if label_column not in valid:
+        raise ValueError(f"{dataset}: unknown label column {label_column!r}; valid columns are {list(valid)}")
+
+
+def add_report(reports: list[ScanReport] | None, report: ScanReport) -> None:
+    if reports is not None:
+        reports.append(report)

@@ -27,7 +27,6 @@ from umd_lightning.data.classification import (
     ClassificationDataset,
     class_names_from,
     medmnist_records,
-    medpix_records,
     melinda_records,
 )
 from umd_lightning.data.collate import PretrainCollator
@@ -42,6 +41,7 @@ from umd_lightning.data.retrieval import (
     read_retrieval_records,
 )
 from umd_lightning.data.sampler import make_loader
+from umd_lightning.data.sources.medpix import medpix_records
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.data.vqa import VQACollator, VQADataset, holdout_by_image, read_vqa_records
 from umd_lightning.errors import ConfigError, check_range

@@ -18,10 +18,7 @@ DATA.md "Pre-training and retrieval" describes each layout. Every dataset:
 
 from __future__ import annotations
 
-import csv
 import inspect
-import io
-import json
 import logging
 import re
 from collections import Counter
@@ -40,14 +37,23 @@ from umd_lightning.data.common import (
     ScanMode,
     ScanReport,
     check_image_header,
-    check_text,
-    decode_utf8,
     load_image,
     load_scanned_image,
     read_text,
     safe_join,
     scan,
 )
+from umd_lightning.data.files import (
+    canonical_split,
+    clean_text,
+    collapse_whitespace,
+    parse_json_line,
+    read_csv_rows,
+    read_lines,
+    string_field,
+)
+from umd_lightning.data.sources.medpix import parse_medpix_line
+from umd_lightning.data.sources.roco import parse_roco_line, roco_captions_file
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +114,6 @@ class ImageRecord:
     texts: tuple[str, ...]
 
 
-def collapse_whitespace(text: str) -> str:
-    """Replace every run of whitespace (newlines included) with one space and strip the ends."""
-    return " ".join(text.split())
-
-
-def _clean_text(value: Any, *, file: str | Path, record: str | int | None, what: str = "text") -> str:
-    return collapse_whitespace(check_text(value, file=file, record=record, what=what))
-
-
 def check_image(path: Path, mode: ScanMode, *, file: str | Path, record: str | int | None) -> Any:
     """Check one image as deeply as the scan ``mode`` asks (see ``common.ScanMode``); the decoded image for
     ``full``, else ``None``.
@@ -139,60 +136,15 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def read_lines(path: Path) -> list[tuple[int, bytes]]:
-    """Non-blank lines of a text file as ``(1-based line number, raw bytes)``; decoding happens per record (a
-    byte-order mark before the first line is dropped).
-
-    Raises:
-        DataError: the file cannot be read (kind ``bad_annotation``).
-    """
-    try:
-        with open(path, "rb") as handle:
-            lines = [(number, line) for number, line in enumerate(handle, start=1)]
-    except OSError as exc:
-        raise DataError("bad_annotation", path, None, f"cannot read the file: {exc}") from exc
-    if lines:
-        lines[0] = (1, lines[0][1].removeprefix(b"\xef\xbb\xbf"))
-    return [(number, line) for number, line in lines if line.strip()]
-
-
-def _decode(raw: bytes, *, file: Path, line: int) -> str:
-    return decode_utf8(raw, file=file, record=f"line {line}").rstrip("\r\n")
-
-
-def _parse_json_line(raw: bytes, *, file: Path, line: int) -> dict[str, Any]:
-    text = _decode(raw, file=file, line=line)
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an integer of too many digits, deep nesting
-        raise DataError("bad_json", file, f"line {line}", f"invalid JSON: {str(exc)[:200]}") from exc
-    if not isinstance(value, dict):
-        raise DataError("bad_json", file, f"line {line}", f"expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _parse_all(path: Path) -> list[tuple[int, dict[str, Any] | DataError]]:
     """Parse every line of a JSONL file, keeping a line's ``DataError`` in place of its object."""
     parsed: list[tuple[int, dict[str, Any] | DataError]] = []
     for line, raw in read_lines(path):
         try:
-            parsed.append((line, _parse_json_line(raw, file=path, line=line)))
+            parsed.append((line, parse_json_line(raw, file=path, line=line)))
         except DataError as error:
             parsed.append((line, error))
     return parsed
-
-
-def _string_field(record: dict[str, Any], key: str, *, file: Path, line: int) -> str:
-    value = record.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise DataError("bad_record", file, f"line {line}", f"field {key!r} must be a non-empty string, got {value!r}")
-    return value.strip()
-
-
-def _canonical_split(split: str, names: dict[str, str], dataset: str) -> str:
-    if split not in names:
-        raise ValueError(f"{dataset}: unknown split {split!r}, expected one of {sorted(names)}")
-    return names[split]
 
 
 class PairDataset(Dataset):
@@ -265,49 +217,6 @@ class PairDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "text": record.texts[text_index], "id": record.id}
-
-
-ROCO_SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
-"""ROCO's split folders; M3AE renames ``validation`` to ``val``, so both are accepted."""
-
-
-def roco_captions_file(root: Path, split: str) -> Path:
-    """The ``captions.txt`` of a ROCO split (``train``, ``val``/``validation``, ``test``).
-
-    Raises:
-        FileNotFoundError: none of the accepted paths exists (they are named).
-    """
-    canonical = _canonical_split(split, {"train": "train", "val": "val", "validation": "val", "test": "test"}, "roco")
-    candidates = [root / folder / "radiology" / "captions.txt" for folder in ROCO_SPLIT_FOLDERS[canonical]]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"ROCO captions not found: expected {' or '.join(map(str, candidates))}")
-
-
-def parse_roco_line(raw: bytes, *, captions: Path, line: int) -> tuple[str, Path, str]:
-    """One ``ROCO_<id>\t<caption>`` line -> ``(id, image path, caption with whitespace collapsed)``; the image is
-    ``images/<id>.jpg`` beside ``captions`` and must stay inside that folder. A line with a second tab (a third
-    column: keywords, CUIs, a pasted field) is refused rather than glued onto the caption.
-
-    Raises:
-        DataError: ``bad_encoding``, ``bad_line``, ``empty_text`` or ``unsafe_path``.
-    """
-    columns = _decode(raw, file=captions, line=line).split("\t")
-    name = columns[0].strip()
-    if len(columns) < 2 or not name:
-        raise DataError("bad_line", captions, f"line {line}", "expected 'ROCO_<id><TAB><caption>'")
-    if len(columns) > 2:
-        raise DataError(
-            "bad_line",
-            captions,
-            f"line {line}",
-            f"{len(columns)} tab-separated columns, expected 2 ('ROCO_<id><TAB><caption>'); remove the extra tab(s)",
-        )
-    caption = columns[1]
-    text = _clean_text(caption, file=captions, record=name, what="caption")
-    path = safe_join(captions.parent / "images", f"{name}.jpg", file=captions, record=name)
-    return name, path, text
 
 
 class RocoDataset(PairDataset):
@@ -400,7 +309,7 @@ class MedicatDataset(PairDataset):
     ) -> None:
         super().__init__(name=f"medicat/{split}", transform=transform, on_error=on_error, scan_mode=scan)
         root = Path(root)
-        canonical = _canonical_split(
+        canonical = canonical_split(
             split, {"train": "train", "val": "val", "validation": "val", "test": "test"}, "medicat"
         )
         annotations = _require_file(root / MEDICAT_ANNOTATIONS, "MedICaT annotations")
@@ -438,10 +347,10 @@ class MedicatDataset(PairDataset):
             line, record = item
             if isinstance(record, DataError):
                 raise record
-            pdf_hash = _string_field(record, "pdf_hash", file=annotations, line=line)
-            fig_uri = _string_field(record, "fig_uri", file=annotations, line=line)
+            pdf_hash = string_field(record, "pdf_hash", file=annotations, line=line)
+            fig_uri = string_field(record, "fig_uri", file=annotations, line=line)
             name = f"{pdf_hash}_{fig_uri}"
-            texts = [_clean_text(record.get("s2_caption"), file=annotations, record=name, what="s2_caption")]
+            texts = [clean_text(record.get("s2_caption"), file=annotations, record=name, what="s2_caption")]
             references = record.get("s2orc_references") or []
             if not isinstance(references, list):
                 raise DataError("bad_record", annotations, name, "s2orc_references must be a list or null")
@@ -482,27 +391,6 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
         DataError: kind ``missing_column``, naming the file and the column (a file defect: always raised).
     """
     return read_csv_rows(path, required)[1]
-
-
-def read_csv_rows(path: Path, required: Sequence[str]) -> tuple[list[str], list[dict[str, str]]]:
-    """The header and rows of a CSV file (UTF-8 with or without a BOM; ``.gz`` decompressed), after checking that
-    it has the ``required`` columns. A row with more fields than the header keeps them as a list under the key
-    ``None``; a missing field is ``None``.
-
-    Raises:
-        DataError: ``missing_column`` (naming the column), ``bad_encoding`` or ``bad_annotation`` (a line the
-            CSV parser refuses, such as one holding a NUL byte), naming the file; a file defect, always raised.
-    """
-    text = read_text(path)
-    try:
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        columns = list(reader.fieldnames or [])
-        missing = [column for column in required if column not in columns]
-        if missing:
-            raise DataError("missing_column", path, None, f"missing column(s) {missing}; the header has {columns[:20]}")
-        return columns, list(reader)
-    except csv.Error as exc:
-        raise DataError("bad_annotation", path, None, f"not a readable CSV file: {exc}") from exc
 
 
 def _cell(row: dict[str | None, Any], column: str) -> str:
@@ -554,7 +442,7 @@ class MimicCxrDataset(PairDataset):
         super().__init__(name=f"mimic_cxr/{split}", transform=transform, on_error=on_error, scan_mode=scan)
         root = Path(root)
         report_folder = Path(reports_root) if reports_root is not None else root
-        canonical = _canonical_split(
+        canonical = canonical_split(
             split, {"train": "train", "val": "validate", "validate": "validate", "test": "test"}, "mimic_cxr"
         )
         metadata_file = _find_csv(root, MIMIC_METADATA)
@@ -607,23 +495,6 @@ class MimicCxrDataset(PairDataset):
         self._load(items, make_record)
 
 
-def parse_medpix_line(raw: bytes, *, root: Path, file: Path, line: int) -> tuple[dict[str, Any], str, Path, str]:
-    """One line of MedPix 2.0's ``descriptions_<split>.jsonl`` -> ``(entry, image id, image path, caption)``: the
-    image is ``images/<image>.png`` under ``root``, the caption ``Description.Caption`` with whitespace collapsed.
-
-    Raises:
-        DataError: ``bad_encoding``, ``bad_json``, ``bad_record``, ``empty_text`` or ``unsafe_path``.
-    """
-    entry = _parse_json_line(raw, file=file, line=line)
-    image = _string_field(entry, "image", file=file, line=line)
-    description = entry.get("Description")
-    if not isinstance(description, dict):
-        raise DataError("bad_record", file, image, "field 'Description' must be an object")
-    caption = _clean_text(description.get("Caption"), file=file, record=image, what="Description.Caption")
-    path = safe_join(root / "images", f"{image}.png", file=file, record=image)
-    return entry, image, path, caption
-
-
 class MedPixDataset(PairDataset):
     """MedPix 2.0: ``<root>/splitted_dataset/descriptions_<split>.jsonl`` and ``<root>/images/<image>.png``.
 
@@ -657,7 +528,7 @@ class MedPixDataset(PairDataset):
         super().__init__(name=f"medpix/{split}", transform=transform, on_error=on_error, scan_mode=scan)
         root = Path(root)
         names = {name: name for name in ("train", "dev", "test", "train_1", "train_2")}
-        canonical = _canonical_split(split, {**names, "val": "dev"}, "medpix")
+        canonical = canonical_split(split, {**names, "val": "dev"}, "medpix")
         annotations = _require_file(
             root / "splitted_dataset" / f"descriptions_{canonical}.jsonl", "MedPix 2.0 descriptions"
         )
@@ -755,9 +626,9 @@ class JsonlDataset(PairDataset):
             if isinstance(texts, list):
                 if not texts:
                     raise DataError("empty_text", annotations, name, "field 'text' is an empty list")
-                cleaned = tuple(_clean_text(text, file=annotations, record=name) for text in texts)
+                cleaned = tuple(clean_text(text, file=annotations, record=name) for text in texts)
             else:
-                cleaned = (_clean_text(texts, file=annotations, record=name),)
+                cleaned = (clean_text(texts, file=annotations, record=name),)
             path = safe_join(root, image, file=annotations, record=name)
             return ImageRecord(path=path, id=name, file=str(annotations), texts=cleaned)
 
@@ -773,6 +644,23 @@ DATASET_CLASSES: dict[str, type[PairDataset]] = {
     "medpix": MedPixDataset,
     "jsonl": JsonlDataset,
 }
+
+
+def register_source(format: str, dataset_class: type[PairDataset]) -> None:
+    """Add a pre-training source format: ``SourceSpec(format=...)`` and :func:`build_pretrain_dataset` then build
+    ``dataset_class(root, split=..., transform=..., on_error=..., scan=..., **options)`` for it (CONTRIBUTING.md,
+    "Adding a data set"). A format shipped with the package is also added to ``SourceFormat``, so YAML configs
+    validate it.
+
+    Raises:
+        ValueError: the format is registered already.
+        TypeError: ``dataset_class`` is not a :class:`PairDataset`.
+    """
+    if format in DATASET_CLASSES:
+        raise ValueError(f"source format {format!r} is registered already ({DATASET_CLASSES[format].__name__})")
+    if not (isinstance(dataset_class, type) and issubclass(dataset_class, PairDataset)):
+        raise TypeError(f"a source format needs a PairDataset subclass, got {dataset_class!r}")
+    DATASET_CLASSES[format] = dataset_class
 
 
 @dataclass

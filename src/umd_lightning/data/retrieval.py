@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from umd_lightning.data.classification import medpix_records
 from umd_lightning.data.common import (
     OnError,
     RuntimeSkips,
@@ -26,10 +25,10 @@ from umd_lightning.data.common import (
     ScanReport,
     load_image,
     load_scanned_image,
-    scan,
     scan_images,
 )
-from umd_lightning.data.pretrain import ROCO_SPLIT_FOLDERS, parse_roco_line, read_lines, roco_captions_file
+from umd_lightning.data.sources.medpix import medpix_pairs
+from umd_lightning.data.sources.roco import roco_records
 from umd_lightning.errors import ConfigError
 
 RetrievalDatasetName = Literal["roco", "medpix"]
@@ -37,57 +36,6 @@ RetrievalDatasetName = Literal["roco", "medpix"]
 Record = dict[str, Any]
 
 log = logging.getLogger(__name__)
-
-
-def roco_records(
-    root: str | Path,
-    *,
-    min_words: int = 3,
-    on_error: OnError = "raise",
-    reports: list[ScanReport] | None = None,
-) -> list[Record]:
-    """ROCO, radiology subset: ``<root>/{train,validation,test}/radiology/captions.txt`` (``val`` accepted for
-    ``validation``, as M3AE renames it), tab-separated ``ROCO_<id>\\t<caption>``, images
-    ``<split>/radiology/images/ROCO_<id>.jpg``.
-
-    Whitespace in captions is collapsed; captions under ``min_words`` words are dropped (counted in the report
-    as ``short_caption``, never an error).
-
-    Raises:
-        FileNotFoundError: a split's ``captions.txt`` is missing (the accepted paths are named).
-    """
-    root = Path(root)
-    records: list[Record] = []
-    for split in ROCO_SPLIT_FOLDERS:
-        file = roco_captions_file(root, split)
-        lines = read_lines(file)
-
-        def parse(item: tuple[int, bytes], file: Path = file, split: str = split) -> Record:
-            number, raw = item
-            image_id, image, text = parse_roco_line(raw, captions=file, line=number)
-            return {"id": image_id, "image": image, "text": text, "split": split}
-
-        kept, report = scan(lines, parse, name=f"roco/{split}", on_error=on_error, progress=False)
-        # Short captions are a selection rule, not a data error: count them without failing.
-        long_enough = [record for record in kept if len(record["text"].split()) >= min_words]
-        if len(long_enough) < len(kept):
-            report.problems["short_caption"] += len(kept) - len(long_enough)
-            report.kept = len(long_enough)
-        if reports is not None:
-            reports.append(report)
-        records += long_enough
-    return records
-
-
-def medpix_pairs(
-    root: str | Path, *, on_error: OnError = "raise", reports: list[ScanReport] | None = None
-) -> list[Record]:
-    """MedPix 2.0 (image, caption) pairs from its train / dev / test split files (see
-    :func:`~umd_lightning.data.classification.medpix_records`); captions repeat within a case."""
-    return [
-        {"id": r["id"], "image": r["image"], "text": r["text"], "split": r["split"]}
-        for r in medpix_records(root, on_error=on_error, reports=reports)
-    ]
 
 
 def read_retrieval_records(

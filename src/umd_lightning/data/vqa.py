@@ -12,10 +12,9 @@ A bad annotation record (empty question, unsafe image path, ...) raises ``DataEr
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +35,7 @@ from umd_lightning.data.common import (
     scan,
     scan_images,
 )
+from umd_lightning.data.files import read_json_list, require_files
 
 VQADatasetName = Literal["vqa_rad", "vqa_rad_preprocessed", "slake", "vqa_med_2019", "vqa_med_2019_m3ae"]
 VQA_MED_CATEGORIES = ("modality", "plane", "organ", "abnormality")
@@ -44,37 +44,6 @@ DEFAULT_VQA_MED_CATEGORIES = ("modality", "plane", "organ")
 Record = dict[str, Any]
 
 log = logging.getLogger(__name__)
-
-
-def read_json_list(path: Path) -> list[Any]:
-    """Read a JSON file (UTF-8, with or without a byte-order mark) that must hold a list of records.
-
-    Raises:
-        DataError: ``bad_encoding`` (invalid UTF-8, with its byte offset) or ``bad_annotation`` (not valid JSON,
-            or its top level is not a list), naming the file.
-    """
-    text = read_text(path)
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an integer of too many digits, deep nesting
-        raise DataError("bad_annotation", path, None, f"not valid JSON: {str(exc)[:200]}") from exc
-    if not isinstance(data, list):
-        raise DataError("bad_annotation", path, None, f"expected a JSON list of records, got {type(data).__name__}")
-    return data
-
-
-def require_files(root: Path, names: Iterable[str], dataset: str) -> None:
-    """Fail early, naming every expected file, when a layout's annotation files are not all there.
-
-    Raises:
-        FileNotFoundError: one or more of ``names`` is missing under ``root``.
-    """
-    names = list(names)
-    missing = [name for name in names if not (root / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{dataset}: missing annotation file(s) {missing} under {root}; this layout expects {names}"
-        )
 
 
 def _field(entry: Any, key: str, file: Path, record: Any) -> Any:

@@ -1,0 +1,105 @@
+"""ROCO (radiology subset): its split folders, caption lines and the (image, caption) records every task reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from umd_lightning.data.common import (
+    OnError,
+    ScanReport,
+    safe_join,
+    scan,
+)
+from umd_lightning.data.files import (
+    canonical_split,
+    clean_text,
+    decode_line,
+    read_lines,
+)
+from umd_lightning.errors import DataError
+
+Record = dict[str, Any]
+
+
+ROCO_SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
+"""ROCO's split folders; M3AE renames ``validation`` to ``val``, so both are accepted."""
+
+
+def roco_captions_file(root: Path, split: str) -> Path:
+    """The ``captions.txt`` of a ROCO split (``train``, ``val``/``validation``, ``test``).
+
+    Raises:
+        FileNotFoundError: none of the accepted paths exists (they are named).
+    """
+    canonical = canonical_split(split, {"train": "train", "val": "val", "validation": "val", "test": "test"}, "roco")
+    candidates = [root / folder / "radiology" / "captions.txt" for folder in ROCO_SPLIT_FOLDERS[canonical]]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"ROCO captions not found: expected {' or '.join(map(str, candidates))}")
+
+
+def parse_roco_line(raw: bytes, *, captions: Path, line: int) -> tuple[str, Path, str]:
+    """One ``ROCO_<id>\t<caption>`` line -> ``(id, image path, caption with whitespace collapsed)``; the image is
+    ``images/<id>.jpg`` beside ``captions`` and must stay inside that folder. A line with a second tab (a third
+    column: keywords, CUIs, a pasted field) is refused rather than glued onto the caption.
+
+    Raises:
+        DataError: ``bad_encoding``, ``bad_line``, ``empty_text`` or ``unsafe_path``.
+    """
+    columns = decode_line(raw, file=captions, line=line).split("\t")
+    name = columns[0].strip()
+    if len(columns) < 2 or not name:
+        raise DataError("bad_line", captions, f"line {line}", "expected 'ROCO_<id><TAB><caption>'")
+    if len(columns) > 2:
+        raise DataError(
+            "bad_line",
+            captions,
+            f"line {line}",
+            f"{len(columns)} tab-separated columns, expected 2 ('ROCO_<id><TAB><caption>'); remove the extra tab(s)",
+        )
+    caption = columns[1]
+    text = clean_text(caption, file=captions, record=name, what="caption")
+    path = safe_join(captions.parent / "images", f"{name}.jpg", file=captions, record=name)
+    return name, path, text
+
+
+def roco_records(
+    root: str | Path,
+    *,
+    min_words: int = 3,
+    on_error: OnError = "raise",
+    reports: list[ScanReport] | None = None,
+) -> list[Record]:
+    """ROCO, radiology subset: ``<root>/{train,validation,test}/radiology/captions.txt`` (``val`` accepted for
+    ``validation``, as M3AE renames it), tab-separated ``ROCO_<id>\\t<caption>``, images
+    ``<split>/radiology/images/ROCO_<id>.jpg``.
+
+    Whitespace in captions is collapsed; captions under ``min_words`` words are dropped (counted in the report
+    as ``short_caption``, never an error).
+
+    Raises:
+        FileNotFoundError: a split's ``captions.txt`` is missing (the accepted paths are named).
+    """
+    root = Path(root)
+    records: list[Record] = []
+    for split in ROCO_SPLIT_FOLDERS:
+        file = roco_captions_file(root, split)
+        lines = read_lines(file)
+
+        def parse(item: tuple[int, bytes], file: Path = file, split: str = split) -> Record:
+            number, raw = item
+            image_id, image, text = parse_roco_line(raw, captions=file, line=number)
+            return {"id": image_id, "image": image, "text": text, "split": split}
+
+        kept, report = scan(lines, parse, name=f"roco/{split}", on_error=on_error, progress=False)
+        # Short captions are a selection rule, not a data error: count them without failing.
+        long_enough = [record for record in kept if len(record["text"].split()) >= min_words]
+        if len(long_enough) < len(kept):
+            report.problems["short_caption"] += len(kept) - len(long_enough)
+            report.kept = len(long_enough)
+        if reports is not None:
+            reports.append(report)
+        records += long_enough
+    return records
