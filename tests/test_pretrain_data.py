@@ -18,7 +18,6 @@ from PIL import Image
 from umd_lightning.data.common import DataError
 from umd_lightning.data.datamodule import PretrainDataModule
 from umd_lightning.data.pretrain import (
-    VQA_RAD_OVERLAP,
     JsonlDataset,
     MedicatDataset,
     MedPixDataset,
@@ -27,9 +26,10 @@ from umd_lightning.data.pretrain import (
     SourceSpec,
     build_pretrain_dataset,
     build_pretrain_datasets,
-    medicat_holdout_size,
-    report_sections,
 )
+from umd_lightning.data.sources.medicat import medicat_holdout_size
+from umd_lightning.data.sources.medpix import VQA_RAD_OVERLAP
+from umd_lightning.data.sources.mimic_cxr import report_sections
 from umd_lightning.data.transforms import CLIP_MEAN, CLIP_STD, image_transform
 
 FIXTURES = Path(__file__).resolve().parent / "data"

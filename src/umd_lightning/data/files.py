@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from umd_lightning.data.common import (
+    DataError,
     check_text,
     decode_utf8,
     read_text,
 )
-from umd_lightning.errors import DataError
 
 
 def collapse_whitespace(text: str) -> str:
@@ -122,3 +122,20 @@ def require_files(root: Path, names: Iterable[str], dataset: str) -> None:
         raise FileNotFoundError(
             f"{dataset}: missing annotation file(s) {missing} under {root}; this layout expects {names}"
         )
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: expected {path}")
+    return path
+
+
+def _parse_all(path: Path) -> list[tuple[int, dict[str, Any] | DataError]]:
+    """Parse every line of a JSONL file, keeping a line's ``DataError`` in place of its object."""
+    parsed: list[tuple[int, dict[str, Any] | DataError]] = []
+    for line, raw in read_lines(path):
+        try:
+            parsed.append((line, parse_json_line(raw, file=path, line=line)))
+        except DataError as error:
+            parsed.append((line, error))
+    return parsed

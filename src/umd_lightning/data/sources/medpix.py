@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from umd_lightning.data.common import (
+    DataError,
     OnError,
+    ScanMode,
     ScanReport,
     add_report,
     check_label_column,
@@ -15,14 +18,16 @@ from umd_lightning.data.common import (
     safe_join,
     scan,
 )
+from umd_lightning.data.datasets import ImageRecord, PairDataset, Transform, _Filtered
 from umd_lightning.data.files import (
+    _require_file,
+    canonical_split,
     clean_text,
     parse_json_line,
     read_lines,
     require_files,
     string_field,
 )
-from umd_lightning.errors import DataError
 
 Record = dict[str, Any]
 
@@ -112,3 +117,76 @@ def medpix_pairs(
         {"id": r["id"], "image": r["image"], "text": r["text"], "split": r["split"]}
         for r in medpix_records(root, on_error=on_error, reports=reports)
     ]
+
+
+VQA_RAD_OVERLAP: tuple[str, ...] = (
+    "synpic16520",
+    "synpic19605",
+    "synpic19853",
+    "synpic20208",
+    "synpic21028",
+    "synpic22020",
+    "synpic23571",
+    "synpic24424",
+    "synpic27142",
+    "synpic32981",
+    "synpic34054",
+    "synpic35914",
+    "synpic39460",
+    "synpic43433",
+    "synpic46720",
+    "synpic46943",
+    "synpic48714",
+    "synpic48749",
+    "synpic51426",
+)
+"""The 19 MedPix 2.0 ``synpic`` ids that are also VQA-RAD images (``../shared/data/SOURCES.md``)."""
+
+
+class MedPixDataset(PairDataset):
+    """MedPix 2.0: ``<root>/splitted_dataset/descriptions_<split>.jsonl`` and ``<root>/images/<image>.png``.
+
+    The text is ``Description.Caption`` (whitespace collapsed); the id is the ``image`` stem
+    (``MPX<case>_synpic<id>``). Excluded images are counted as ``excluded``.
+
+    Args:
+        root: the ``MedPix-2-0`` folder.
+        split: ``train``, ``dev`` (or ``val``), ``test``, or the halves ``train_1`` / ``train_2``.
+        transform: applied to the RGB PIL image.
+        on_error: ``raise`` or ``skip`` bad records.
+        scan: how deeply images are checked at set-up.
+        exclude_ids: images to leave out, each given as a full image name (``MPX1007_synpic46720``) or a
+            ``synpic`` id (``synpic46720``); ids match whole ``_``-separated parts of the name, so
+            ``synpic1652`` does not exclude ``synpic16520``.
+        exclude_vqa_rad_overlap: leave out the 19 images shared with VQA-RAD (``VQA_RAD_OVERLAP``; 10 of them are
+            VQA-RAD test images). On by default, since the pre-trained model is usually evaluated on VQA-RAD; set
+            it to false only for a model that will never be.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Transform | None = None,
+        on_error: OnError = "raise",
+        scan: ScanMode = "full",
+        exclude_ids: Sequence[str] = (),
+        exclude_vqa_rad_overlap: bool = True,
+    ) -> None:
+        super().__init__(name=f"medpix/{split}", transform=transform, on_error=on_error, scan_mode=scan)
+        root = Path(root)
+        names = {name: name for name in ("train", "dev", "test", "train_1", "train_2")}
+        canonical = canonical_split(split, {**names, "val": "dev"}, "medpix")
+        annotations = _require_file(
+            root / "splitted_dataset" / f"descriptions_{canonical}.jsonl", "MedPix 2.0 descriptions"
+        )
+        excluded = set(exclude_ids) | (set(VQA_RAD_OVERLAP) if exclude_vqa_rad_overlap else set())
+
+        def make_record(item: tuple[int, bytes]) -> ImageRecord:
+            line, raw = item
+            _, image, path, caption = parse_medpix_line(raw, root=root, file=annotations, line=line)
+            if excluded & {image, *image.split("_")}:
+                raise _Filtered("excluded")
+            return ImageRecord(path=path, id=image, file=str(annotations), texts=(caption,))
+
+        self._load(read_lines(annotations), make_record)

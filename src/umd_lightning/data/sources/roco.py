@@ -6,18 +6,20 @@ from pathlib import Path
 from typing import Any
 
 from umd_lightning.data.common import (
+    DataError,
     OnError,
+    ScanMode,
     ScanReport,
     safe_join,
     scan,
 )
+from umd_lightning.data.datasets import MIN_WORDS, ImageRecord, PairDataset, Transform, _Filtered
 from umd_lightning.data.files import (
     canonical_split,
     clean_text,
     decode_line,
     read_lines,
 )
-from umd_lightning.errors import DataError
 
 Record = dict[str, Any]
 
@@ -103,3 +105,41 @@ def roco_records(
             reports.append(report)
         records += long_enough
     return records
+
+
+class RocoDataset(PairDataset):
+    """ROCO, radiology subset: ``<root>/<split>/radiology/captions.txt`` with lines ``ROCO_<id>\\t<caption>``.
+
+    Images are ``<root>/<split>/radiology/images/ROCO_<id>.jpg``; the validation folder may be named
+    ``validation`` (the release) or ``val`` (M3AE). Captions have their whitespace collapsed; captions under
+    ``min_words`` words are left out and counted as ``short_caption``.
+
+    Args:
+        root: the folder holding ``train/``, ``validation/`` (or ``val/``) and ``test/``.
+        split: ``train``, ``val`` (or ``validation``) or ``test``.
+        transform: applied to the RGB PIL image.
+        on_error: ``raise`` fails at the first bad record; ``skip`` drops and counts it.
+        scan: how deeply images are checked at set-up.
+        min_words: shorter captions are left out.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Transform | None = None,
+        on_error: OnError = "raise",
+        scan: ScanMode = "full",
+        min_words: int = MIN_WORDS,
+    ) -> None:
+        super().__init__(name=f"roco/{split}", transform=transform, on_error=on_error, scan_mode=scan)
+        captions = roco_captions_file(Path(root), split)
+
+        def make_record(item: tuple[int, bytes]) -> ImageRecord:
+            line, raw = item
+            name, path, text = parse_roco_line(raw, captions=captions, line=line)
+            if len(text.split()) < min_words:
+                raise _Filtered("short_caption")
+            return ImageRecord(path=path, id=name, file=str(captions), texts=(text,))
+
+        self._load(read_lines(captions), make_record)
