@@ -18,10 +18,10 @@ from PIL import Image
 from umd_lightning.callbacks import GMCoord
 from umd_lightning.cli import main
 from umd_lightning.data.answers import normalize_answer
-from umd_lightning.data.classification import melinda_records
 from umd_lightning.data.common import DataError, load_image
 from umd_lightning.data.downstream import VQADataModule
 from umd_lightning.data.pretrain import JsonlDataset, MimicCxrDataset, RocoDataset
+from umd_lightning.data.sources.melinda import melinda_records
 from umd_lightning.data.vqa import slake_records, vqa_med_2019_m3ae_records, vqa_rad_records
 from umd_lightning.export import main as export_main
 from umd_lightning.hub import ExportError, UMDInferenceModel

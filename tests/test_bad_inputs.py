@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from umd_lightning.data.classification import ClassificationDataset, melinda_records
+from umd_lightning.data.classification import ClassificationDataset
 from umd_lightning.data.common import DataError, check_image_header, load_image
 from umd_lightning.data.datamodule import PretrainDataModule
 from umd_lightning.data.downstream import ClassificationDataModule, VQADataModule
 from umd_lightning.data.pretrain import JsonlDataset, RocoDataset
+from umd_lightning.data.sources.melinda import melinda_records
 from umd_lightning.data.vqa import VQACollator
 from umd_lightning.metrics.vqa import VQAAccuracy
 

@@ -16,13 +16,13 @@ from umd_lightning.data.classification import (
     ClassificationCollator,
     ClassificationDataset,
     class_names_from,
-    medmnist_records,
-    melinda_records,
 )
 from umd_lightning.data.common import ScanReport
 from umd_lightning.data.downstream import ClassificationDataModule, RetrievalDataModule
 from umd_lightning.data.retrieval import RetrievalTrainCollator, select_eval_pairs
+from umd_lightning.data.sources.medmnist import medmnist_records
 from umd_lightning.data.sources.medpix import medpix_records
+from umd_lightning.data.sources.melinda import melinda_records
 from umd_lightning.data.sources.roco import roco_records
 from umd_lightning.models.config import resolve_text_model
 

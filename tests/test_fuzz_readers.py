@@ -27,10 +27,11 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from umd_lightning.data.classification import medmnist_records, melinda_records
 from umd_lightning.data.common import DataError, check_image_header, load_image
 from umd_lightning.data.pretrain import JsonlDataset, MedicatDataset, MedPixDataset, MimicCxrDataset, RocoDataset
+from umd_lightning.data.sources.medmnist import medmnist_records
 from umd_lightning.data.sources.medpix import medpix_records
+from umd_lightning.data.sources.melinda import melinda_records
 from umd_lightning.data.vqa import (
     slake_records,
     vqa_med_2019_m3ae_records,

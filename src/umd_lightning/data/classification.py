@@ -1,4 +1,5 @@
-"""Image-text classification data sets (DATA.md, "Downstream classification"), the dataset and collate.
+"""Image-text classification: the class names, the dataset and the collate over the records of the MELINDA, MedPix
+and MedMNIST readers (``data/sources/``; DATA.md, "Downstream classification").
 
 Each ``*_records`` function returns plain dict records ``{"id": str, "image": Path | numpy array, "text": str,
 "label_name": str, "split": "train" | "val" | "test"}``; class ids come from the sorted label names of the
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -18,155 +18,21 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from umd_lightning.data.common import (
-    DataError,
     OnError,
     RuntimeSkips,
     ScanMode,
     ScanReport,
-    add_report,
-    check_label_column,
-    check_text,
     load_scanned_image,
-    safe_join,
-    scan,
     scan_images,
     to_rgb,
 )
-from umd_lightning.data.files import read_csv_rows, require_files
+from umd_lightning.data.records import Record
 
 ClassificationDatasetName = Literal["melinda", "medpix", "medmnist"]
-MELINDA_LABEL_COLUMNS = ("i_meth", "p_meth", "i_meth_label", "p_meth_label")
 DEFAULT_LABEL_COLUMN = {"melinda": "p_meth_label", "medpix": "Location Category", "medmnist": None}
 
-Record = dict[str, Any]
 
 log = logging.getLogger(__name__)
-
-
-def melinda_records(
-    root: str | Path,
-    *,
-    label_column: str = "p_meth_label",
-    on_error: OnError = "raise",
-    reports: list[ScanReport] | None = None,
-) -> list[Record]:
-    """MELINDA: ``train.csv``, ``dev.csv``, ``test.csv`` (``figure_file``, ``caption`` and the label columns)
-    with images in ``melinda_images/``.
-
-    Args:
-        label_column: one of ``i_meth``, ``p_meth``, ``i_meth_label``, ``p_meth_label`` (default, 7 classes).
-
-    Raises:
-        ValueError: unknown label column (named).
-        DataError: a CSV without a required column (named; kind ``missing_column``), whatever ``on_error``.
-        FileNotFoundError: a split file is missing.
-    """
-    check_label_column("melinda", label_column, MELINDA_LABEL_COLUMNS)
-    root = Path(root)
-    files = {"train": "train.csv", "val": "dev.csv", "test": "test.csv"}
-    require_files(root, files.values(), "melinda")
-    records: list[Record] = []
-    for split, name in files.items():
-        file = root / name
-        _, rows = read_csv_rows(file, ("figure_file", "caption", label_column))
-
-        def parse(item: tuple[int, dict[str, str]], file: Path = file, split: str = split) -> Record:
-            number, row = item
-            figure = row.get("figure_file")
-            record_id = figure or f"line {number}"
-            return {
-                "id": record_id,
-                "image": safe_join(root / "melinda_images", figure, file=file, record=record_id),
-                "text": check_text(row.get("caption"), file=file, record=record_id, what="caption"),
-                "label_name": check_text(row.get(label_column), file=file, record=record_id, what=label_column),
-                "split": split,
-            }
-
-        numbered = list(enumerate(rows, start=2))  # line 1 is the header
-        kept, report = scan(numbered, parse, name=f"melinda/{split}", on_error=on_error, progress=False)
-        add_report(reports, report)
-        records += kept
-    return records
-
-
-MEDMNIST_PROMPTS = {"pneumoniamnist": "a chest x-ray", "breastmnist": "a breast ultrasound image"}
-
-
-def medmnist_prompt(path: str | Path) -> str:
-    """The fixed text input for a MedMNIST file, chosen by its name (``a medical image`` when unknown)."""
-    return MEDMNIST_PROMPTS.get(Path(path).stem.lower(), "a medical image")
-
-
-def medmnist_records(path: str | Path, *, prompt: str | None = None) -> list[Record]:
-    """A MedMNIST ``.npz`` file (``{train,val,test}_images`` N x H x W (x 1 or 3) uint8, ``*_labels``), image only.
-
-    Args:
-        path: the ``.npz`` file.
-        prompt: the fixed text paired with every image; ``None`` picks one from the file name
-            (:func:`medmnist_prompt`).
-
-    Raises:
-        FileNotFoundError: no such file.
-        DataError: (a ``ValueError``) the file is not a readable ``.npz`` archive, an array is missing (named) or
-            has the wrong type or shape, or the labels are multi-label (not supported); the file is named.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"medmnist: {path} is not a file; expected a MedMNIST .npz such as pneumoniamnist.npz")
-    text = prompt if prompt is not None else medmnist_prompt(path)
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except Exception as exc:  # numpy and zipfile raise many kinds (ValueError, OSError, BadZipFile, EOFError)
-        raise DataError("bad_annotation", path, None, f"not a readable .npz archive: {str(exc)[:200]}") from exc
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise DataError("bad_annotation", path, None, "holds a single array, expected a MedMNIST .npz archive")
-    records: list[Record] = []
-    with archive as arrays:
-        for split in ("train", "val", "test"):
-            missing = [key for key in (f"{split}_images", f"{split}_labels") if key not in arrays.files]
-            if missing:
-                raise DataError("missing_array", path, None, f"missing array(s) {missing}; the file has {arrays.files}")
-            try:
-                images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-            except Exception as exc:  # a member cut short or refused (object arrays need pickle)
-                raise DataError("bad_annotation", path, split, f"cannot read its arrays: {str(exc)[:200]}") from exc
-            channels_ok = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3))
-            channels_ok = channels_ok and min(images.shape[1:3]) > 0
-            if images.dtype != np.uint8 or not channels_ok:
-                raise DataError(
-                    "bad_annotation",
-                    path,
-                    split,
-                    f"{split}_images is {images.dtype} {images.shape}, expected uint8 N x H x W (x 1 or 3)",
-                )
-            if not np.issubdtype(labels.dtype, np.integer) or labels.ndim == 0 or len(labels) != len(images):
-                raise DataError(
-                    "bad_annotation",
-                    path,
-                    split,
-                    f"{split}_labels is {labels.dtype} {labels.shape}, expected {len(images)} integer labels",
-                )
-            labels = labels.reshape(len(labels), -1)
-            if labels.shape[1] != 1:
-                raise DataError(
-                    "bad_annotation",
-                    path,
-                    split,
-                    f"{split}_labels has {labels.shape[1]} columns; multi-label is not supported",
-                )
-            if images.ndim == 4 and images.shape[-1] == 1:
-                images = images[..., 0]
-            records += [
-                {
-                    "id": f"{split}/{i}",
-                    "image": images[i],
-                    "text": text,
-                    "label_name": str(int(labels[i, 0])),
-                    "split": split,
-                }
-                for i in range(len(images))
-            ]
-    return records
 
 
 def class_names_from(records: Sequence[Record]) -> list[str]:

@@ -26,12 +26,11 @@ from umd_lightning.data.classification import (
     ClassificationCollator,
     ClassificationDataset,
     class_names_from,
-    medmnist_records,
-    melinda_records,
 )
 from umd_lightning.data.collate import PretrainCollator
 from umd_lightning.data.common import SPLITS, OnError, ScanMode, ScanReport, Split, require_samples
 from umd_lightning.data.datamodule import check_loader_options
+from umd_lightning.data.records import Record
 from umd_lightning.data.retrieval import (
     ImageTextPairs,
     RetrievalEvalSplit,
@@ -41,14 +40,15 @@ from umd_lightning.data.retrieval import (
     read_retrieval_records,
 )
 from umd_lightning.data.sampler import make_loader
+from umd_lightning.data.sources.medmnist import medmnist_records
 from umd_lightning.data.sources.medpix import medpix_records
+from umd_lightning.data.sources.melinda import melinda_records
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.data.vqa import VQACollator, VQADataset, holdout_by_image, read_vqa_records
 from umd_lightning.errors import ConfigError, check_range
 from umd_lightning.models.text import load_tokenizer
 from umd_lightning.seeds import run_seed
 
-Record = dict[str, Any]
 Mode = Literal["task", "calib"]
 STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
     "fit": ("train", "val"),

@@ -1,4 +1,5 @@
-"""Image-text retrieval data (DATA.md: ROCO, MedPix 2.0), training collate, evaluation splits (UMD_SPEC 4.1).
+"""Image-text retrieval over the ROCO and MedPix 2.0 readers (``data/sources/``), training collate, evaluation
+splits (UMD_SPEC 4.1).
 
 Records are plain dicts ``{"id": str, "image": Path, "text": str, "split": "train" | "val" | "test"}``.
 Training scores each image against its own caption and ``num_candidates - 1`` other captions; evaluation
@@ -27,13 +28,13 @@ from umd_lightning.data.common import (
     load_scanned_image,
     scan_images,
 )
+from umd_lightning.data.records import Record
 from umd_lightning.data.sources.medpix import medpix_pairs
 from umd_lightning.data.sources.roco import roco_records
 from umd_lightning.errors import ConfigError
 
 RetrievalDatasetName = Literal["roco", "medpix"]
 
-Record = dict[str, Any]
 
 log = logging.getLogger(__name__)
 

@@ -1,2 +1,5 @@
-"""Publisher readers: one module per data set that more than one task reads (ROCO: pre-training and retrieval;
-MedPix 2.0: pre-training, classification and retrieval), so each is read in one place."""
+"""Publisher readers, one module per data set: ``roco``, ``medicat``, ``mimic_cxr``, ``medpix``, ``jsonl`` (pre-training
+sources, registered in ``data/pretrain.py``), ``vqa_rad``, ``slake``, ``vqa_med_2019`` (VQA), ``melinda``,
+``medmnist`` (classification). Each reads its files once with the rules of ``data/files.py`` and ``data/common.py``;
+ROCO and MedPix also serve retrieval (and MedPix classification) from the same module. Sources import no task
+module (``tests/test_import_graph.py``)."""

@@ -28,9 +28,7 @@ from umd_lightning.data.files import (
     require_files,
     string_field,
 )
-
-Record = dict[str, Any]
-
+from umd_lightning.data.records import Record
 
 MEDPIX_LABEL_COLUMNS = ("Location Category", "Type")
 

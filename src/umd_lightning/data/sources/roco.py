@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from umd_lightning.data.common import (
     DataError,
@@ -20,9 +19,7 @@ from umd_lightning.data.files import (
     decode_line,
     read_lines,
 )
-
-Record = dict[str, Any]
-
+from umd_lightning.data.records import Record
 
 ROCO_SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
 """ROCO's split folders; M3AE renames ``validation`` to ``val``, so both are accepted."""
