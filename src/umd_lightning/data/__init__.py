@@ -2,7 +2,7 @@
 
 from umd_lightning.data.common import ScanReport
 from umd_lightning.data.datamodule import PretrainDataModule, SourceSpec
-from umd_lightning.data.downstream import ClassificationDataModule, RetrievalDataModule, VQADataModule
+from umd_lightning.data.datamodules import ClassificationDataModule, RetrievalDataModule, VQADataModule
 from umd_lightning.errors import DataError
 
 __all__ = [

@@ -32,7 +32,7 @@ from lightning.pytorch import LightningDataModule
 
 from umd_lightning.data.common import SPLITS, ScanReport
 from umd_lightning.data.datamodule import PretrainDataModule
-from umd_lightning.data.downstream import DownstreamDataModule, VQADataModule
+from umd_lightning.data.datamodules import DownstreamDataModule, VQADataModule
 from umd_lightning.data.pretrain import build_pretrain_dataset
 from umd_lightning.errors import ConfigError, DataError
 
