@@ -132,6 +132,12 @@ def test_chain_pretrain_calib_finetune_test_predict(tmp_path):
     main(["predict", "--config", str(finetune), "--ckpt_path", str(tuned), "--predictions.output", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and {"qid", "answer", "top5"} <= rows[0].keys() and len(rows[0]["top5"]) == 5
+    main(
+        ["predict", "--explain", "--config", str(finetune), "--ckpt_path", str(tuned), "--predictions.output", str(out)]
+    )
+    maps = sorted((tmp_path / "predictions_explanations").iterdir())
+    assert len(maps) == 4 * len(rows) and {p.suffix for p in maps} == {".png", ".npy"}
+    assert (tmp_path / "predictions_explanations" / f"{rows[0]['qid']}_rollout.png").is_file()
 
     predictor = Predictor.from_checkpoint(tuned)
     image = next((FIXTURES / "vqa_rad" / "VQA_RAD Image Folder").glob("*.jpg"))

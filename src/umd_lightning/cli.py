@@ -271,8 +271,10 @@ def main(args: list[str] | None = None) -> None:
         from umd_lightning.convert import main as convert_main
 
         raise SystemExit(convert_main(argv[1:]))
+    if argv[:1] == ["predict"] and "--explain" in argv:  # maps beside the JSONL (umd_lightning/explain.py)
+        argv = [a for a in argv if a != "--explain"] + ["--trainer.callbacks+=umd_lightning.explain.ExplanationWriter"]
     try:
-        build_cli(args)
+        build_cli(argv)
     except SystemExit as exc:
         signum = interrupted_by()
         if signum is not None:

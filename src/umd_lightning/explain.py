@@ -21,6 +21,7 @@ Two methods, both computed for the chosen answer (or any output index) of a ``UM
 Maps are ``(h, w)`` float arrays over the patch grid, scaled to [0, 1]. :func:`explain` returns an
 :class:`Explanation` (answer, top-5, maps, and the image as the model saw it); :meth:`Explanation.save` writes
 ``<stem>_<method>.png`` (the map over the image) and ``<stem>_<method>.npy`` (the raw grid).
+``umd predict --explain`` (:class:`ExplanationWriter`) writes them for every predicted sample beside the JSONL.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback
 from PIL import Image
 from torch import Tensor, nn
 from torchvision.transforms import v2
@@ -328,3 +330,68 @@ def explain(
         maps={name: grid[0].numpy().astype(np.float32) for name, grid in maps.items()},
         image=model_view(pixels[0], norm.mean, norm.std),
     )
+
+
+# ----------------------------------------------------------------------------------------------- umd predict
+class ExplanationWriter(Callback):
+    """``umd predict --explain``: for every VQA / classification sample, the overlay PNG and the map array of each
+    method, ``<id>_<method>.png`` / ``.npy`` in ``<predictions file stem>_explanations/`` beside the JSONL.
+
+    Args:
+        folder: where to write instead; ``None``: beside the predictions file.
+        methods: some of :data:`METHODS`.
+    """
+
+    def __init__(self, folder: str | None = None, methods: Sequence[str] = METHODS) -> None:
+        self.folder = Path(folder) if folder else None
+        self.methods = tuple(methods)
+        self.written = 0
+
+    def _default_folder(self, trainer: Any) -> Path:
+        output = next((c.output for c in trainer.callbacks if getattr(c, "output", None)), None)
+        jsonl = Path(output) if output else Path(trainer.log_dir or ".") / "predictions.jsonl"
+        return jsonl.with_name(f"{jsonl.stem}_explanations")
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        if pl_module.hparams.get("task") not in ("vqa", "classification"):
+            raise ValueError("--explain explains VQA answers and classes; a retrieval model has no answer to explain")
+        self.folder = self.folder or self._default_folder(trainer)
+        self.written = 0
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        ids = batch.get("qids", batch.get("ids"))
+        with torch.inference_mode(False):
+            pixels = batch["pixel_values"].clone()
+            _, maps = patch_maps(
+                pl_module.backbone,
+                pl_module.head,
+                pixels,
+                batch["input_ids"].clone(),
+                batch["attention_mask"].clone(),
+                methods=self.methods,
+            )
+        mean, std = _normalisation(trainer.datamodule)
+        for i, row in enumerate(outputs or []):
+            explanation = Explanation(
+                question=str(row.get("question", "")),
+                answer=str(row.get("answer", row.get("label", ""))),
+                top=[],
+                maps={name: grid[i].numpy().astype(np.float32) for name, grid in maps.items()},
+                image=model_view(pixels[i], mean, std),
+            )
+            explanation.save(self.folder, _safe_stem(ids[i] if ids is not None else f"{batch_idx}_{i}"))
+            self.written += 1
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        print(f"explanations ({', '.join(self.methods)}) of {self.written} samples written to {self.folder}")
+
+
+def _normalisation(datamodule: Any) -> tuple[Sequence[float], Sequence[float]]:
+    from umd_lightning.data.transforms import CLIP_MEAN, CLIP_STD
+
+    return getattr(datamodule, "image_mean", CLIP_MEAN), getattr(datamodule, "image_std", CLIP_STD)
+
+
+def _safe_stem(value: Any) -> str:
+    """A file name from a sample id: letters, digits, ``-``, ``_`` and ``.`` kept, the rest ``_``."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(value)).lstrip(".") or "sample"
