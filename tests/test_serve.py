@@ -148,6 +148,8 @@ def test_the_page_answers_and_survives_bad_inputs(server, tmp_path):
         page = browser.new_page()
         page.goto(server)
         assert "Ask the model" in page.title() + page.inner_text("h1")
+        page.wait_for_selector("#ask", state="visible")
+        assert page.is_hidden("#rank")  # a VQA model: the question form only
 
         def ask(file: Path | None, question: str) -> None:
             page.evaluate("document.getElementById('answer').textContent = ''")
@@ -194,3 +196,64 @@ def test_the_page_answers_and_survives_bad_inputs(server, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as caught:  # no file route: nothing but the page is served
         urllib.request.urlopen(f"{server}/../../etc/passwd", timeout=10)
     assert caught.value.code == 404
+
+
+@pytest.fixture(scope="module")
+def retrieval_checkpoint(tmp_path_factory) -> Path:
+    """A (randomly initialised) tiny retrieval model saved as a fine-tuning checkpoint."""
+    import torch
+
+    pl.seed_everything(0)
+    model = FineTune(preset="tiny", task="retrieval", data_card={"max_text_length": 24})
+    path = tmp_path_factory.mktemp("retrieval") / "retrieval.ckpt"
+    hparams = {k: v for k, v in dict(model.hparams).items() if not k.startswith("_")}
+    torch.save({"umd_stage": "finetune", "hyper_parameters": hparams, "state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_a_retrieval_model_ranks_the_uploaded_images_by_caption(retrieval_checkpoint, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from umd_lightning.serve.retrieval import RetrievalScorer
+
+    images = sorted((VQA_RAD / "VQA_RAD Image Folder").iterdir())[:3]
+    caption = "CT of the chest showing a bright circle in the upper left"
+    scorer = RetrievalScorer.from_checkpoint(retrieval_checkpoint)
+    expected = sorted(((scorer.score(Image.open(p), caption), p.name) for p in images), reverse=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "umd_lightning", "serve", str(retrieval_checkpoint), "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        line = process.stdout.readline()
+        assert "retrieval model" in line and "on http://127.0.0.1:" in line, line
+        url = line.split(" on ")[1].split()[0]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("#rank", state="visible")
+            assert page.is_hidden("#ask")  # a retrieval model: the caption form only
+            page.set_input_files("#gallery", [str(p) for p in images])
+            page.fill("#caption", caption)
+            page.click("#rank-submit")
+            page.wait_for_function("document.querySelectorAll('#ranking li').length === 3")
+            shown = page.locator("#ranking li .ranked").all_inner_texts()
+            assert [text.split()[0] for text in shown] == [name for _, name in expected]
+            for text, (score, _) in zip(shown, expected):
+                assert float(text.split()[-1]) == pytest.approx(score, abs=1e-3)
+            assert page.evaluate("document.querySelector('#ranking li img').naturalWidth") > 0
+            shots = Path(os.environ.get("UMD_SERVE_SCREENSHOTS", tmp_path))
+            page.screenshot(path=str(shots / "serve_retrieval.png"), full_page=True)
+            page.fill("#caption", " ")
+            page.click("#rank-submit")
+            page.wait_for_function("document.getElementById('error').textContent")
+            assert "caption is empty" in page.inner_text("#error")
+            browser.close()
+        with urllib.request.urlopen(f"{url}/api/health", timeout=10) as response:
+            assert json.loads(response.read())["task"] == "retrieval"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

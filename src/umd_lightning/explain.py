@@ -140,21 +140,18 @@ def gradcam_map(
 
     def keep(module: nn.Module, args: tuple) -> None:
         captured["tokens"] = args[0]
-        args[0].retain_grad()
 
     handle = backbone.fusion.image_layers[-1].register_forward_pre_hook(keep)
     try:
         with torch.enable_grad():
             logits = _logits(backbone, head, pixels, ids, mask)
             chosen = logits.gather(1, target[:, None]).sum()
-            backbone.zero_grad(set_to_none=True)
-            chosen.backward()
+            # the tokens' gradient only: the parameters' .grad (a training run's accumulated gradients) and
+            # their hooks (GM-Coord's) are left untouched
+            (grads,) = torch.autograd.grad(chosen, captured["tokens"])
     finally:
         handle.remove()
-        head.zero_grad(set_to_none=True)
-        backbone.zero_grad(set_to_none=True)
-    tokens = captured["tokens"]
-    patches, grads = tokens[:, 1:].detach(), tokens.grad[:, 1:]
+    patches, grads = captured["tokens"][:, 1:].detach(), grads[:, 1:]
     weights = grads.mean(dim=1, keepdim=True)  # (B, 1, D): the patch average, as Grad-CAM's spatial average
     return torch.relu((patches * weights).sum(-1)).float()
 

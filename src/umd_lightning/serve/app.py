@@ -4,7 +4,9 @@ Why the standard library and not Gradio: the app needs one page, one upload and 
 about forty packages (FastAPI, uvicorn, pandas, its front-end bundle, ...) and, by default, endpoints this app
 does not want (a file route, analytics, a share tunnel) that would each have to be turned off and kept off across
 its releases. Here everything the server does is in this file: ``GET /`` returns the page, ``POST /api/answer``
-takes the image bytes as the request body and the question as a query parameter, and nothing else is routed.
+takes the image bytes as the request body and the question as a query parameter (``POST /api/score`` the same
+with a caption, for a retrieval model: the page sends each uploaded image and ranks them by score), and nothing
+else is routed.
 
 Safety: binds to 127.0.0.1 unless told otherwise; refuses a body larger than ``--max-upload-mb`` (from its
 Content-Length, before reading it) and images of more than ``--max-pixels`` pixels (before decoding them); reads
@@ -121,12 +123,34 @@ class App:
         self.lock = threading.Lock()
         self.page = resources.files("umd_lightning.serve").joinpath("page.html").read_bytes()
 
+    def score(self, data: bytes, caption: str) -> dict[str, Any]:
+        """A retrieval model's score of ``caption`` for one uploaded image, with the image as the model saw it.
+
+        Raises:
+            BadInput: see :func:`decode_upload`; an empty or overlong caption; a model that does not retrieve.
+        """
+        if self.predictor.model.task != "retrieval":
+            raise BadInput("this model answers questions: use the question form")
+        caption = caption.strip()
+        if not caption:
+            raise BadInput("the caption is empty: type a caption to find images for")
+        if len(caption) > MAX_QUESTION_CHARS:
+            raise BadInput(f"the caption is longer than {MAX_QUESTION_CHARS} characters")
+        image = decode_upload(data, self.max_pixels)
+        with self.lock:
+            value = self.predictor.score(image, caption)
+        thumbnail = image.copy()
+        thumbnail.thumbnail((160, 160))
+        return {"caption": caption, "score": value, "image": _png_data_url(thumbnail)}
+
     def answer(self, data: bytes, question: str) -> dict[str, Any]:
         """The JSON the page shows for one upload and question.
 
         Raises:
             BadInput: see :func:`decode_upload`; an empty or overlong question.
         """
+        if self.predictor.model.task == "retrieval":
+            raise BadInput("this is a retrieval model: use the caption form to rank images")
         question = question.strip()
         if not question:
             raise BadInput("the question is empty: type a question about the image")
@@ -176,7 +200,7 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             url = urlparse(self.path)
-            if url.path != "/api/answer":
+            if url.path not in ("/api/answer", "/api/score"):
                 self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {url.path}"})
                 return
             length = self.headers.get("Content-Length")
@@ -190,9 +214,12 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
                 self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": message})
                 return
             data = self.rfile.read(int(length))
-            question = parse_qs(url.query).get("question", [""])[0]
+            query = parse_qs(url.query)
             try:
-                self._json(HTTPStatus.OK, app.answer(data, question))
+                if url.path == "/api/score":
+                    self._json(HTTPStatus.OK, app.score(data, query.get("caption", [""])[0]))
+                else:
+                    self._json(HTTPStatus.OK, app.answer(data, query.get("question", [""])[0]))
             except BadInput as exc:
                 self._json(exc.status, {"error": str(exc)})
             except Exception as exc:  # keep serving; the page shows what went wrong
@@ -215,10 +242,20 @@ def build_server(
     return server
 
 
+def _checkpoint_task(path: Path) -> str | None:
+    from umd_lightning.stages.base import load_checkpoint_file
+
+    return (load_checkpoint_file(path).get("hyper_parameters") or {}).get("task")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``umd serve``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="umd serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="an export folder (python -m umd_lightning.export CKPT FOLDER) or a .ckpt")
+    parser.add_argument(
+        "model",
+        help="an export folder (python -m umd_lightning.export CKPT FOLDER), a VQA / classification .ckpt, or a "
+        "retrieval fine-tuning .ckpt (the page then ranks uploaded images by a caption)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest upload accepted")
@@ -230,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
 
     path = Path(args.model)
     try:
-        predictor = Predictor.from_checkpoint(path) if path.is_file() else Predictor.from_export(path)
+        if path.is_file() and _checkpoint_task(path) == "retrieval":
+            from umd_lightning.serve.retrieval import RetrievalScorer
+
+            predictor = RetrievalScorer.from_checkpoint(path)
+        else:
+            predictor = Predictor.from_checkpoint(path) if path.is_file() else Predictor.from_export(path)
     except (ConfigError, OSError, ValueError) as exc:
         print(f"umd serve: error: {exc}", file=sys.stderr)
         return 2
