@@ -1,4 +1,4 @@
-"""The ``umd serve`` web app: one page and one JSON endpoint on Python's own ``http.server``.
+"""The ``umd serve`` web app: one page and two JSON endpoints on Python's own ``http.server``.
 
 Why the standard library and not Gradio: the app needs one page, one upload and one answer. Gradio would add
 about forty packages (FastAPI, uvicorn, pandas, its front-end bundle, ...) and, by default, endpoints this app
@@ -250,7 +250,11 @@ def _checkpoint_task(path: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``umd serve``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="umd serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="umd serve",
+        description="A local web page to ask a fine-tuned model about your own images (PNG, JPEG, DICOM), with its "
+        "answer, top-5 and explanation overlays; or, for a retrieval model, to rank images by a caption.",
+    )
     parser.add_argument(
         "model",
         help="an export folder (python -m umd_lightning.export CKPT FOLDER), a VQA / classification .ckpt, or a "
@@ -266,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     from umd_lightning.predict import Predictor
 
     path = Path(args.model)
+    if not path.exists():
+        print(f"umd serve: error: no export folder or checkpoint at {path}", file=sys.stderr)
+        return 2
     try:
         if path.is_file() and _checkpoint_task(path) == "retrieval":
             from umd_lightning.serve.retrieval import RetrievalScorer
