@@ -13,10 +13,12 @@ from umd_lightning.stages import StageError
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data"
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml")) + sorted(
+    (REPO / "src" / "umd_lightning" / "configs").rglob("*.yaml")
+)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_print_config_parses_every_yaml(config, capsys):
     # Trainer files are added to a stage file with a second --config, as the README shows.
     configs = [REPO / "configs" / "pretrain" / "roco.yaml", config] if config.parent.name == "trainer" else [config]
@@ -132,6 +134,12 @@ def test_chain_pretrain_calib_finetune_test_predict(tmp_path):
     main(["predict", "--config", str(finetune), "--ckpt_path", str(tuned), "--predictions.output", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and {"qid", "answer", "top5"} <= rows[0].keys() and len(rows[0]["top5"]) == 5
+    main(
+        ["predict", "--explain", "--config", str(finetune), "--ckpt_path", str(tuned), "--predictions.output", str(out)]
+    )
+    maps = sorted((tmp_path / "predictions_explanations").iterdir())
+    assert len(maps) == 4 * len(rows) and {p.suffix for p in maps} == {".png", ".npy"}
+    assert (tmp_path / "predictions_explanations" / f"{rows[0]['qid']}_rollout.png").is_file()
 
     predictor = Predictor.from_checkpoint(tuned)
     image = next((FIXTURES / "vqa_rad" / "VQA_RAD Image Folder").glob("*.jpg"))
@@ -170,3 +178,16 @@ def test_missing_data_and_unavailable_text_model_end_in_one_line(tmp_path, capsy
         main(["fit", "--config", str(config), "--data.init_args.tokenizer", str(tmp_path / "no-model")])
     assert exit_info.value.code == 2
     assert "could not be loaded" in capsys.readouterr().err
+
+
+def test_version_and_help_list_the_other_commands(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"umd_lightning {version('umd_lightning')}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    printed = capsys.readouterr().out
+    for command in ("fit", "predict", "umd data check --config", "umd convert", "umd serve", "--explain"):
+        assert command in printed, command

@@ -218,3 +218,15 @@ def test_real_medpix_header_scan_of_one_split(shared_data, capsys, monkeypatch):
     # One test image is a VQA-RAD image, left out by the config's default (not a problem).
     assert "test: 200 records read, 199 image headers checked, 0 problem(s)" in out
     assert "left out by filters (not errors): excluded 1" in out
+
+
+def test_data_overrides_apply_as_in_fit(capsys):
+    # The shipped config points at ../shared/data; --data.* moves it onto the fixture, as `umd fit` would.
+    config = str(REPO / "configs" / "finetune" / "vqa_rad.yaml")
+    root = str(TESTS / "data" / "vqa_rad")
+    assert main(["--config", config, "--split", "train", "--data.init_args.root", root, "--data.image_size", "32"]) == 0
+    assert "train: 47 records read" in capsys.readouterr().out
+    assert main(["--config", config, "--data.init_args.root", "/nonexistent/vqa_rad"]) == 2
+    assert "/nonexistent/vqa_rad" in capsys.readouterr().err
+    assert main(["--config", config, "--trainer.max_steps", "3"]) == 2
+    assert "only --data.* overrides are taken" in capsys.readouterr().err

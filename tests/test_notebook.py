@@ -1,5 +1,7 @@
-"""notebooks/quickstart.ipynb: saved without outputs, and runs end to end (synthetic data, `tiny` preset) in a
-fresh ``python3`` kernel, drawing every figure and ending with a consistent open / closed / overall table."""
+"""notebooks/quickstart.ipynb and notebooks/explain.ipynb: committed with their outputs (they render where people
+browse the code), and run end to end (synthetic data, `tiny` preset) in a fresh ``python3`` kernel: the quickstart
+draws every figure and ends with a consistent open / closed / overall table; the explain notebook loads an export
+and explains answers with both maps."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+EXPLAIN_NOTEBOOK = NOTEBOOK.with_name("explain.ipynb")
 CELL_TIMEOUT_S = 300
 # "open      29     0.000": question type, count, accuracy (nan when a type has no questions).
 TABLE_ROW = re.compile(r"^(open|closed|overall)\s+(\d+)\s+(\d\.\d{3}|nan)\s*$", re.M)
@@ -36,18 +39,25 @@ def text_of(cell) -> str:
     return "".join(parts)
 
 
-def test_notebook_is_saved_without_outputs():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("path", [NOTEBOOK, EXPLAIN_NOTEBOOK], ids=lambda p: p.name)
+def test_notebook_is_committed_with_its_outputs(path):
+    notebook = nbformat.read(path, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert code, "the notebook has no code cells"
-    unclean = [i for i, cell in enumerate(code) if cell.outputs or cell.execution_count is not None]
-    assert not unclean, f"code cells {unclean} hold outputs: clear them before saving"
+    unrun = [i for i, cell in enumerate(code) if cell.execution_count is None]
+    assert not unrun, f"code cells {unrun} were not run: execute the notebook before committing it"
+    assert all(output["output_type"] != "error" for cell in code for output in cell.outputs)
+    figures = [cell for cell in code if "plt.show()" in cell.source]
+    assert figures and all(
+        "image/png" in output.get("data", {}) for cell in figures for output in cell.outputs if "data" in output
+    )
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     assert 'os.environ["HF_HUB_OFFLINE"] = "1"' in code[0].source, "the first cell must switch the hub off"
 
 
 @pytest.mark.slow
-def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
+def _execute(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run a copy of the notebook at ``path`` in a fresh kernel; the executed notebook."""
     require_kernel()
     from nbclient import NotebookClient
 
@@ -59,7 +69,7 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's working folder lands in tmp_path
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook,
         timeout=CELL_TIMEOUT_S,
@@ -67,6 +77,30 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()  # raises CellExecutionError, with the cell and its traceback, on the first failing cell
+    return notebook
+
+
+@pytest.mark.slow
+def test_explain_notebook_runs_end_to_end(tmp_path, monkeypatch):
+    notebook = _execute(EXPLAIN_NOTEBOOK, tmp_path, monkeypatch)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(output["output_type"] != "error" for cell in code for output in cell.outputs)
+    assert list(tmp_path.glob("umd_explain_*/export/model.safetensors")), "no export in the notebook's TMPDIR"
+    assert sorted(p.name for p in next(tmp_path.glob("umd_explain_*/maps")).iterdir()) == [
+        "q0_gradcam.npy",
+        "q0_gradcam.png",
+        "q0_rollout.npy",
+        "q0_rollout.png",
+    ]
+    printed = "".join(text_of(cell) for cell in code)
+    assert len(re.findall(r"'.+': '.+' \(true: '.+'\); top-5: ", printed)) == 3
+    figure = next(cell for cell in code if "plt.show()" in cell.source)
+    assert any("image/png" in output.get("data", {}) for output in figure.outputs)
+
+
+@pytest.mark.slow
+def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
+    notebook = _execute(NOTEBOOK, tmp_path, monkeypatch)
 
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert all(output["output_type"] != "error" for cell in code for output in cell.outputs)

@@ -12,15 +12,17 @@ earlier run's checkpoints, and ``pretrained:`` must point at a checkpoint of a s
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import sys
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -31,6 +33,7 @@ from umd_lightning.callbacks.predictions import JsonlPredictionWriter
 from umd_lightning.callbacks.preemption import FinalCheckpoint, Preemption, interrupted_by
 from umd_lightning.checkpointing import RunFolderGuard, newest_readable_checkpoint
 from umd_lightning.errors import ConfigError, DataError, StageError
+from umd_lightning.quiet import known_warnings, quiet_trainer_init, replace_model_summary
 from umd_lightning.runs import (
     BEST,
     LAST,
@@ -99,7 +102,9 @@ class UMDCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(
                 save_dir=str(self.run_dir), name="", version="logs", default_hp_metric=False
             )
-        trainer = super().instantiate_trainer(**kwargs)
+        with quiet_trainer_init():
+            trainer = super().instantiate_trainer(**kwargs)
+        replace_model_summary(trainer.callbacks)
         trainer.callbacks += [Preemption(), FinalCheckpoint()]
         if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
             trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -239,16 +244,33 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> UMDCLI:
     # The run folder holds logs/ beside the checkpoints, and `fit` itself refuses to start over an earlier run's
     # checkpoints (see UMDCLI.before_fit): Lightning's "exists and is not empty" notice would only alarm.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    return UMDCLI(
-        UMDStage,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,
-    )
+    with known_warnings() if run else contextlib.nullcontext():
+        return UMDCLI(
+            UMDStage,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"epilog": OTHER_COMMANDS, "formatter_class": _HelpFormatter},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+
+
+OTHER_COMMANDS = """other commands:
+  umd data check --config <yaml> [--data.*]  scan a config's data without training (umd data check --help)
+  umd convert IN OUT                         the authors' checkpoints onto ours (umd convert --help)
+  umd serve EXPORT_FOLDER                    a local web app on an exported model (umd serve --help)
+  umd predict --explain ...                  also write explanation maps beside the predictions
+  umd --version                              the installed version"""
+
+
+class _HelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help, with the epilog's lines kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
 
 
 def main(args: list[str] | None = None) -> None:
@@ -260,6 +282,9 @@ def main(args: list[str] | None = None) -> None:
     ``umd convert`` converts a checkpoint of the authors' code (see ``convert.py``).
     """
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"umd_lightning {version('umd_lightning')}")
+        raise SystemExit(0)
     if argv[:2] == ["data", "check"]:
         from umd_lightning.data.check import main as check_main
 
@@ -268,6 +293,16 @@ def main(args: list[str] | None = None) -> None:
         from umd_lightning.convert import main as convert_main
 
         raise SystemExit(convert_main(argv[1:]))
+    if argv[:1] == ["serve"]:
+        from umd_lightning.serve import main as serve_main
+
+        raise SystemExit(serve_main(argv[1:]))
+    if argv[:1] == ["predict"] and "--explain" in argv:  # maps beside the JSONL (umd_lightning/explain.py)
+        argv = [a for a in argv if a != "--explain"] + ["--trainer.callbacks+=umd_lightning.explain.ExplanationWriter"]
+        if args is None:
+            sys.argv[1:] = argv
+        else:
+            args = argv
     try:
         build_cli(args)
     except SystemExit as exc:

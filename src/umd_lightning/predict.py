@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +84,9 @@ class Predictor:
         return [(self.model.labels[j], float(p)) for p, j in zip(top.values, top.indices)]
 
     answer = predict
+
+    def explain(self, image: Any, question: str, methods: Sequence[str] = ("rollout", "gradcam"), top_k: int = 5):
+        """The answer, its ``top_k`` and per-patch maps of where the model looked (see :mod:`umd_lightning.explain`)."""
+        from umd_lightning.explain import explain
+
+        return explain(self.model, image, question, methods=methods, top_k=top_k, max_length=self.max_length)

@@ -11,6 +11,8 @@ class StepRecorder(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.coefficients: dict[str, list[float]] = {"k_t": [], "k_v": []}
+        self.capped = False
+        """Set by the demo when the stage's ``max_time`` safety cap stopped it before ``max_steps``."""
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

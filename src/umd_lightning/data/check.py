@@ -1,6 +1,6 @@
 """``umd data check``: scan a configuration's data without training and list every problem found.
 
-``umd data check --config configs/finetune/vqa_rad.yaml [--split train,val,test] [--scan full|header]``
+``umd data check --config configs/finetune/vqa_rad.yaml [--split train,val,test] [--scan full|header] [--data.*]``
 
 Reads the ``data:`` section of a stage YAML (``class_path`` + ``init_args``; the other sections are ignored),
 builds that DataModule with ``on_error="skip"`` (so every bad record is counted instead of stopping at the first)
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from collections import Counter
@@ -255,13 +256,26 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(config: str, splits: Sequence[str], scan: str) -> int:
+def with_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``data`` with ``--data.*`` command-line overrides applied as ``umd fit`` applies them (jsonargparse)."""
+    if not overrides:
+        return data
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    try:
+        parsed = parser.parse_args(["--data", json.dumps(data), *overrides])
+    except Exception as exc:
+        raise ConfigError(one_line(str(exc))) from exc
+    return json.loads(parser.dump(parsed, format="json", skip_check=True))["data"]
+
+
+def run(config: str, splits: Sequence[str], scan: str, overrides: Sequence[str] = ()) -> int:
     """Scan and print; the exit status (0 clean, 1 problems).
 
     Raises:
         ConfigError: see :func:`build_datamodule` and :func:`scan_split`.
     """
-    section = forced_section(read_data_section(config), scan)
+    section = forced_section(with_overrides(read_data_section(config), overrides), scan)
     print(f"umd data check: {section['class_path']} from {config} (scan {scan}, splits {','.join(splits)})")
     try:
         datamodule = build_datamodule(section)
@@ -292,12 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``umd data check``; returns the exit status (0 clean, 1 problems, 2 configuration error)."""
     parser = make_parser()
     try:
-        args = parser.parse_args(argv)
+        args, overrides = parser.parse_known_args(argv)
+        if any(arg.startswith("-") and not arg.startswith("--data.") for arg in overrides):
+            parser.error(f"unrecognized arguments: {' '.join(overrides)} (only --data.* overrides are taken)")
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
         return int(exit_.code or 0)
     try:
         with quiet_loggers():
-            return run(args.config, parse_splits(args.split), args.scan)
+            return run(args.config, parse_splits(args.split), args.scan, overrides)
     except ConfigError as exc:
         print(f"umd data check: error: {exc}", file=sys.stderr)
         return 2

@@ -82,7 +82,10 @@ class TextTower(nn.Module):
             {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(model_class).parameters else {}
         )
         if cfg.pretrained:
-            self.encoder = AutoModel.from_pretrained(path, config=config, local_files_only=local, **kwargs)
+            from umd_lightning.quiet import quiet_text_loading
+
+            with quiet_text_loading():  # no report about the pooler left out above
+                self.encoder = AutoModel.from_pretrained(path, config=config, local_files_only=local, **kwargs)
         else:
             self.encoder = AutoModel.from_config(config, **kwargs)
         self.width: int = config.hidden_size
