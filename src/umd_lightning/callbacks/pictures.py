@@ -144,7 +144,7 @@ class ExplanationPictures(_FixedSamples):
         for i, image in enumerate(images):
             tiles.append(torch.from_numpy(image).permute(2, 0, 1))
             for name in maps:
-                tiles.append(torch.from_numpy(np.asarray(overlay(image, maps[name][i].numpy()))).permute(2, 0, 1))
+                tiles.append(torch.from_numpy(np.array(overlay(image, maps[name][i].numpy()))).permute(2, 0, 1))
         grid = make_grid(torch.stack(tiles), nrow=1 + len(maps), padding=2, pad_value=255)
         writer.add_image("pictures/explain", grid, trainer.global_step)
         questions = self.batch.get("questions") or self.batch.get("texts") or [""] * len(images)
