@@ -106,7 +106,7 @@ def events(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_tiny_grid_killed_twice_resumes_and_reports(tmp_path: Path) -> None:
     spec_path = tmp_path / "tiny.yaml"
-    spec_path.write_text(yaml.safe_dump(tiny_spec(tmp_path / "killed")))
+    spec_path.write_text(yaml.safe_dump(tiny_spec(tmp_path / "killed"), sort_keys=False))
     out = tmp_path / "out"
     plan = make_plan(load_spec(spec_path))
     # One pre-training for both rows and both seeds, then 4 fine-tuning runs.
@@ -238,14 +238,14 @@ def test_run_key_follows_config_contents_and_overrides(tmp_path: Path, monkeypat
     config.write_text((CONFIGS / "finetune" / "vqa_rad.yaml").read_text())
     spec["datasets"]["vqa_rad"]["finetune"]["config"] = str(config)
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     keys = [run.key for run in make_plan(load_spec(path)).runs]
     assert keys == [run.key for run in make_plan(load_spec(path)).runs]
     config.write_text(config.read_text() + "\n# an edit\n")
     edited = [run.key for run in make_plan(load_spec(path)).runs]
     assert edited[0] == keys[0] and set(edited[1:]).isdisjoint(keys[1:])  # the pre-training is unchanged
     spec["pretrain"]["overrides"].append("--trainer.max_steps=5")
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     assert set(run.key for run in make_plan(load_spec(path)).runs).isdisjoint(edited)  # everything downstream too
 
 
@@ -270,7 +270,7 @@ def test_malformed_spec_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     spec = tiny_spec(tmp_path / "marker")
     edit(spec)
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("umd experiment: error: ") and message in err and err.count("\n") == 1, err

@@ -8,8 +8,8 @@ runner writes:
 * ``config.yaml``: the resolved config of its ``fit`` (LightningCLI's, copied from ``logs/``);
 * ``<phase>-<attempt>.log``: each command's output; ``attempts.jsonl``: when each attempt started and ended;
 * ``<phase>.done``: the phase (``fit``, then ``test`` for fine-tuning) ended with exit status 0;
-* ``compute.json`` (wall time per phase, attempts, optimiser steps, device) and, written atomically after it,
-  ``DONE``: the run is finished and is never run again.
+* ``compute.json`` (wall time per phase, CPU seconds, attempts, optimiser steps, device) and, written
+  atomically after it, ``DONE``: the run is finished and is never run again.
 
 The runner can be killed at any moment. Its children are asked to stop with SIGTERM when it dies (Linux's
 parent-death signal), so ``fit`` saves ``last.ckpt`` at the next batch boundary; the next ``umd experiment run``
@@ -24,6 +24,7 @@ import ctypes
 import functools
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -303,11 +304,11 @@ class Runner:
             self.echo(f"[experiment] start [{self.index[run.key]}/{len(self.plan.runs)}] {run.describe()}{where}{how}")
         return Active(run, self.index[run.key], phase, attempt, process, log, device)
 
-    def _finish_phase(self, active: Active, rc: int) -> bool:
-        """Record how a phase ended; ``True`` when it succeeded."""
+    def _finish_phase(self, active: Active, rc: int, cpu_s: float) -> bool:
+        """Record how a phase ended (with the CPU seconds its process tree used); ``True`` when it succeeded."""
         run, folder = active.run, self.folder(active.run)
         active.log.close()
-        ended = {"phase": active.phase, "attempt": active.attempt, "end": time.time(), "rc": rc}
+        ended = {"phase": active.phase, "attempt": active.attempt, "end": time.time(), "rc": rc, "cpu_s": cpu_s}
         _append_line(folder / ATTEMPTS, ended)
         if rc == 0 and active.phase == "test" and not (folder / TEST_RESULTS).is_file():
             rc = -1
@@ -336,9 +337,13 @@ class Runner:
             for phase in phases(run)
         }
         summary = checkpoint_summary(folder)
+        cpu = [a.get("cpu_s") for a in attempts]
         compute = {
             "wall_s": round(sum(seconds.values()), 2),
             **{f"{p}_s": s for p, s in seconds.items()},
+            # CPU seconds of the run's processes (DataLoader workers included); None when an attempt was killed
+            # with its runner, whose CPU time is not known.
+            "cpu_s": round(sum(cpu), 2) if None not in cpu else None,
             "attempts": {p: sum(a["phase"] == p for a in attempts) for p in phases(run)},
             "steps": summary["steps"],
             "devices": sorted({str(a.get("device")) for a in attempts if "device" in a}),
@@ -410,12 +415,15 @@ class Runner:
                     self._active[slot] = self._start(ready, self.devices[slot])
                 time.sleep(_POLL_S)
                 for slot, active in list(self._active.items()):
+                    # A child's CPU time joins RUSAGE_CHILDREN when it is reaped, here: the difference is its own.
+                    before = _children_cpu_s()
                     rc = active.process.poll()
                     if rc is None:
                         continue
                     del self._active[slot]
-                    if not self._finish_phase(active, rc):
-                        failed.add(active.run.key)
+                    if not self._finish_phase(active, rc, round(_children_cpu_s() - before, 2)):
+                        if self.stopping is None:  # a phase stopped by our own signal is unfinished, not failed
+                            failed.add(active.run.key)
                     elif self._next_phase(active.run) is None:
                         self._finish_run(active.run)
                         finished.add(active.run.key)
@@ -437,6 +445,11 @@ class Runner:
             return 1
         self.echo(f"[experiment] all {len(self.plan.runs)} stage runs finished: umd experiment report {self.out}")
         return 0
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _last_line(path: Path) -> str:
