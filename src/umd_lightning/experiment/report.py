@@ -177,7 +177,14 @@ def markdown(report: Report) -> str:
                 baseline = report.rows[row]["baseline"]
                 lines.append([f"{row} − {baseline}", str(diff.n), f"{diff.mean:+.4f}", _number(diff.std), ci])
             out += _table(["comparison", "pairs", "mean diff", "std", "95% CI"], lines)
-    out += ["", "## Compute", "", "Wall time of each stage run (every attempt, start-up included) and its steps.", ""]
+    out += [
+        "",
+        "## Compute",
+        "",
+        "Wall time of each stage run (every attempt, start-up included), the CPU seconds of its processes (– when "
+        "an attempt was killed with its runner) and its optimiser steps.",
+        "",
+    ]
     lines = [
         [
             c["stage"],
@@ -185,14 +192,20 @@ def markdown(report: Report) -> str:
             ", ".join(c["rows"]),
             str(c["seed"]),
             f"{c['wall_s']:.0f}",
+            "–" if c.get("cpu_s") is None else f"{c['cpu_s']:.0f}",
             str(c.get("steps", "–")),
             c["folder"],
         ]
         for c in report.compute
     ]
-    out += _table(["stage", "data", "rows", "seed", "wall s", "steps", "folder"], lines)
+    out += _table(["stage", "data", "rows", "seed", "wall s", "CPU s", "steps", "folder"], lines)
     total = sum(c["wall_s"] for c in report.compute)
-    out += ["", f"Total: {len(report.compute)} finished stage runs, {total:.0f} s ({total / 3600:.2f} h)."]
+    cpu = sum(c.get("cpu_s") or 0.0 for c in report.compute)
+    out += [
+        "",
+        f"Total: {len(report.compute)} finished stage runs, {total:.0f} s wall ({total / 3600:.2f} h), "
+        f"{cpu:.0f} CPU s (known part).",
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -235,12 +248,12 @@ def write_csvs(report: Report, out: Path) -> None:
                 )
     with open(out / "compute.csv", "w", newline="") as stream:
         writer = csv.writer(stream)
-        writer.writerow(["stage", "dataset", "rows", "seed", "wall_s", "fit_s", "test_s", "steps", "folder"])
+        writer.writerow(["stage", "dataset", "rows", "seed", "wall_s", "fit_s", "test_s", "cpu_s", "steps", "folder"])
         for c in report.compute:
             writer.writerow(
                 [
                     *(c["stage"], c["dataset"], ";".join(c["rows"]), c["seed"], c["wall_s"]),
-                    *(c.get("fit_s", ""), c.get("test_s", ""), c.get("steps", ""), c["folder"]),
+                    *(c.get("fit_s", ""), c.get("test_s", ""), c.get("cpu_s", ""), c.get("steps", ""), c["folder"]),
                 ]
             )
 
