@@ -13,7 +13,8 @@ from umd_lightning.stages import StageError
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data"
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml")) + sorted(
+# configs/experiments/ holds `umd experiment` specs, not stage configs (tests/test_experiment.py plans them).
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "experiments") + sorted(
     (REPO / "src" / "umd_lightning" / "configs").rglob("*.yaml")
 )
 

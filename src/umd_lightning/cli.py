@@ -279,7 +279,8 @@ def main(args: list[str] | None = None) -> None:
     143 / 130 after saving ``last.ckpt``.
 
     ``umd data check --config <yaml>`` scans a configuration's data without training (see ``data/check.py``);
-    ``umd convert`` converts a checkpoint of the authors' code (see ``convert.py``).
+    ``umd convert`` converts a checkpoint of the authors' code (see ``convert.py``); ``umd experiment run`` /
+    ``report`` runs a grid of stage runs and reports it (see ``experiment/``).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] in (["--version"], ["-V"]):
@@ -289,6 +290,10 @@ def main(args: list[str] | None = None) -> None:
         from umd_lightning.data.check import main as check_main
 
         raise SystemExit(check_main(argv[2:]))
+    if argv[:1] == ["experiment"]:
+        from umd_lightning.experiment.command import main as experiment_main
+
+        raise SystemExit(experiment_main(argv[1:]))
     if argv[:1] == ["convert"]:
         from umd_lightning.convert import main as convert_main
 
