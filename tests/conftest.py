@@ -27,3 +27,29 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/data is absent")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny VQA model fine-tuned for 3 steps on the VQA-RAD fixture (seed 0), saved by Lightning."""
+    import lightning.pytorch as pl
+    from pipeline_helpers import quiet_trainer
+
+    from umd_lightning.data import VQADataModule
+    from umd_lightning.stages import FineTune
+
+    pl.seed_everything(0)
+    data = VQADataModule(
+        dataset="vqa_rad",
+        root=str(REPO_ROOT / "tests" / "data" / "vqa_rad"),
+        image_size=32,
+        batch_size=8,
+        num_workers=0,
+        scan="none",
+    )
+    model = FineTune(preset="tiny", lr=1e-2)
+    trainer = quiet_trainer(max_steps=3)
+    trainer.fit(model, datamodule=data)
+    path = tmp_path_factory.mktemp("tiny_vqa") / "finetuned.ckpt"
+    trainer.save_checkpoint(path)
+    return path

@@ -1,4 +1,5 @@
-"""Test-only callbacks imported by the ``umd`` subprocesses of the pipeline tests (``PYTHONPATH`` holds tests/)."""
+"""Test-only helpers: callbacks imported by the ``umd`` subprocesses of the pipeline tests (``PYTHONPATH`` holds
+tests/), and the quiet in-process Trainer the other tests fit with."""
 
 from __future__ import annotations
 
@@ -9,6 +10,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+
+def quiet_trainer(**overrides: Any) -> pl.Trainer:
+    """A CPU Trainer with no logger, checkpoints, progress bar, summary or validation (``overrides`` on top)."""
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    return pl.Trainer(**(options | overrides))
 
 
 class DumpParameters(pl.Callback):

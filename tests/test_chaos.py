@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+from pipeline_helpers import quiet_trainer
 
 from umd_lightning.data.downstream import VQADataModule
 from umd_lightning.stages import FineTune
@@ -62,17 +63,7 @@ def test_images_broken_during_a_two_worker_epoch_are_skipped_and_counted_exactly
     victims = random.Random(seed).sample(images, k=len(images) // 2)
     chaos = Chaos(victims, at=2)
     pl.seed_everything(seed)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[chaos],
-    )
+    trainer = quiet_trainer(max_epochs=1, callbacks=[chaos])
     model = FineTune(preset="tiny", lr=1e-3)
     trainer.fit(model, datamodule=data)
 

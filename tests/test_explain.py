@@ -5,16 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from umd_lightning.data import VQADataModule
 from umd_lightning.explain import co_attention_rollout, heat_colours, normalise, overlay, rollout_map
 from umd_lightning.predict import Predictor
-from umd_lightning.stages import FineTune
 
 REPO = Path(__file__).resolve().parents[1]
 VQA_RAD = REPO / "tests" / "data" / "vqa_rad"
@@ -75,25 +72,9 @@ def test_normalise_overlay_and_colours() -> None:
 
 
 @pytest.fixture(scope="module")
-def predictor() -> Predictor:
+def predictor(tiny_vqa_checkpoint: Path) -> Predictor:
     """A tiny VQA model fine-tuned for a few steps on the fixture."""
-    pl.seed_everything(0)
-    data = VQADataModule(dataset="vqa_rad", root=str(VQA_RAD), image_size=32, batch_size=8, num_workers=0, scan="none")
-    model = FineTune(preset="tiny", lr=1e-2)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=data)
-    from umd_lightning.hub import UMDInferenceModel
-
-    return Predictor(UMDInferenceModel.from_stage(model))
+    return Predictor.from_checkpoint(tiny_vqa_checkpoint)
 
 
 def test_explain_gives_the_answer_and_two_nontrivial_maps(predictor: Predictor, tmp_path: Path) -> None:

@@ -10,17 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from umd_lightning.checkpointing import TRUST_PICKLE_ENV, UntrustedPickleError, read_weights
-from umd_lightning.data import VQADataModule
 from umd_lightning.export import export_model
 from umd_lightning.hub import ExportError, UMDInferenceModel
 from umd_lightning.predict import Predictor
-from umd_lightning.stages import FineTune, StageError
+from umd_lightning.stages import StageError
 from umd_lightning.stages.base import load_checkpoint_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,26 +70,9 @@ def test_plain_tensor_files_need_no_opt_in(tmp_path: Path, monkeypatch: pytest.M
 
 
 @pytest.fixture(scope="module")
-def finetuned_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A VQA model fine-tuned for 3 steps on the fixture, saved by Lightning."""
-    folder = tmp_path_factory.mktemp("finetuned")
-    pl.seed_everything(0)
-    data = VQADataModule(dataset="vqa_rad", root=str(VQA_RAD), image_size=32, batch_size=8, num_workers=0, scan="none")
-    model = FineTune(preset="tiny", lr=1e-2)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=data)
-    path = folder / "finetuned.ckpt"
-    trainer.save_checkpoint(path)
-    return path
+def finetuned_checkpoint(tiny_vqa_checkpoint: Path) -> Path:
+    """A VQA model fine-tuned for 3 steps on the fixture, saved by Lightning (shared with the other tests)."""
+    return tiny_vqa_checkpoint
 
 
 def test_export_predicts_like_the_checkpoint(finetuned_checkpoint: Path, tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from umd_lightning.data import VQADataModule
 from umd_lightning.export import export_model
 from umd_lightning.serve import decode_upload
 from umd_lightning.serve.app import BadInput
@@ -75,24 +74,8 @@ def test_dicom_window_is_applied(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("serve")
-    pl.seed_everything(0)
-    data = VQADataModule(dataset="vqa_rad", root=str(VQA_RAD), image_size=32, batch_size=8, num_workers=0, scan="none")
-    model = FineTune(preset="tiny", lr=1e-2)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, datamodule=data)
-    trainer.save_checkpoint(folder / "tuned.ckpt")
-    return export_model(folder / "tuned.ckpt", folder / "export")
+def export_folder(tiny_vqa_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_model(tiny_vqa_checkpoint, tmp_path_factory.mktemp("serve") / "export")
 
 
 @pytest.fixture()

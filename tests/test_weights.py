@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import timm
 import torch
+from pipeline_helpers import quiet_trainer
 from safetensors.torch import save_file
 from timm.layers import QuickGELU
 from torch import nn
@@ -178,16 +178,7 @@ def test_a_base_run_with_random_towers_warns_once(caplog: pytest.LogCaptureFixtu
         "fusion.ffn": 64,
     }
     model = FineTune(preset="base", backbone_overrides=overrides, text_model="minilm", image_size=IMAGE)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=1)
     with caplog.at_level(logging.WARNING, logger="umd_lightning"):
         trainer.fit(model, datamodule=data)
     warnings = [r.getMessage() for r in caplog.records if r.name == "umd_lightning" and r.levelno == logging.WARNING]
