@@ -101,6 +101,16 @@ def decode_upload(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     return image.convert("RGB")
 
 
+def _typed_text(text: str, kind: str, hint: str) -> str:
+    """``text`` stripped; :class:`BadInput` when it is empty (with ``hint``) or longer than the page allows."""
+    text = text.strip()
+    if not text:
+        raise BadInput(f"the {kind} is empty: {hint}")
+    if len(text) > MAX_QUESTION_CHARS:
+        raise BadInput(f"the {kind} is longer than {MAX_QUESTION_CHARS} characters")
+    return text
+
+
 def _png_data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -131,11 +141,7 @@ class App:
         """
         if self.predictor.model.task != "retrieval":
             raise BadInput("this model answers questions: use the question form")
-        caption = caption.strip()
-        if not caption:
-            raise BadInput("the caption is empty: type a caption to find images for")
-        if len(caption) > MAX_QUESTION_CHARS:
-            raise BadInput(f"the caption is longer than {MAX_QUESTION_CHARS} characters")
+        caption = _typed_text(caption, "caption", "type a caption to find images for")
         image = decode_upload(data, self.max_pixels)
         with self.lock:
             value = self.predictor.score(image, caption)
@@ -151,11 +157,7 @@ class App:
         """
         if self.predictor.model.task == "retrieval":
             raise BadInput("this is a retrieval model: use the caption form to rank images")
-        question = question.strip()
-        if not question:
-            raise BadInput("the question is empty: type a question about the image")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise BadInput(f"the question is longer than {MAX_QUESTION_CHARS} characters")
+        question = _typed_text(question, "question", "type a question about the image")
         image = decode_upload(data, self.max_pixels)
         with self.lock:
             explanation = self.predictor.explain(image, question)
