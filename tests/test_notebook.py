@@ -1,7 +1,7 @@
 """notebooks/quickstart.ipynb and notebooks/explain.ipynb: committed with their outputs (they render where people
 browse the code), and run end to end (synthetic data, `tiny` preset) in a fresh ``python3`` kernel: the quickstart
 draws every figure and ends with a consistent open / closed / overall table; the explain notebook loads an export
-and explains answers with both maps."""
+and explains answers with both maps, then ranks test images for a caption with a retrieval model."""
 
 from __future__ import annotations
 
@@ -94,8 +94,16 @@ def test_explain_notebook_runs_end_to_end(tmp_path, monkeypatch):
     ]
     printed = "".join(text_of(cell) for cell in code)
     assert len(re.findall(r"'.+': '.+' \(true: '.+'\); top-5: ", printed)) == 3
-    figure = next(cell for cell in code if "plt.show()" in cell.source)
-    assert any("image/png" in output.get("data", {}) for output in figure.outputs)
+    for figure in (cell for cell in code if "plt.show()" in cell.source):
+        assert any("image/png" in output.get("data", {}) for output in figure.outputs)
+    # Retrieval: R@K in [0, 1] both ways, R@1 <= R@5 <= R@10, and the three best test images for a caption with
+    # their scores in decreasing order.
+    recalls = dict(re.findall(r"\b((?:i2t|t2i)_r\d+) (\d\.\d{3})", printed))
+    assert set(recalls) == {f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}, printed
+    for d in ("i2t", "t2i"):
+        assert 0.0 <= float(recalls[f"{d}_r1"]) <= float(recalls[f"{d}_r5"]) <= float(recalls[f"{d}_r10"]) <= 1.0
+    scores = [float(v) for v in re.findall(r"^  score ([+-]\d\.\d{3}): ROCO_\d+\.jpg", printed, re.M)]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True), printed
 
 
 @pytest.mark.slow
