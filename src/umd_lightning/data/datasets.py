@@ -1,5 +1,6 @@
-"""The pair datasets' base over the one pre-training record type (``ImageRecord``: one checked image and its
-texts): the set-up scan of every record, ``on_error``, samples ``{"image", "text", "id"}`` (see ``pretrain``)."""
+"""The image-text datasets: ``PairDataset``, the pre-training sources' base over ``ImageRecord`` (one checked
+image and its texts), and ``ImageTextPairs`` over downstream records (retrieval training and every task's TD-Calib
+pairs). Both run the set-up scan, apply ``on_error`` and give samples ``{"image", "text", "id"}``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from umd_lightning.data.common import (
@@ -21,7 +24,9 @@ from umd_lightning.data.common import (
     load_image,
     load_scanned_image,
     scan,
+    scan_images,
 )
+from umd_lightning.data.records import Record
 
 log = logging.getLogger(__name__)
 
@@ -147,3 +152,45 @@ class PairDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "text": record.texts[text_index], "id": record.id}
+
+
+class ImageTextPairs(Dataset):
+    """(image, text) samples ``{"image": (3, H, W) tensor, "text": str, "id": str}``: retrieval training and
+    every task's TD-Calib pairs. Image files are scanned at construction (each distinct file once).
+
+    Args:
+        records: dicts with ``image`` (path), ``text`` and ``id``.
+        transform: PIL RGB image -> ``(3, H, W)`` tensor.
+        name: name in the scan report.
+        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it; an image that stops
+            decoding after the scan raises ``DataError`` from ``__getitem__`` (``raise``) or gives a ``None``
+            sample that the collate drops (``skip``).
+        scan: how much of each image the set-up scan reads.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        name: str = "pairs",
+        on_error: OnError = "raise",
+        scan: ScanMode = "full",
+        progress: bool = True,
+    ) -> None:
+        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
+        self.reports: list[ScanReport] = [report]
+        self.transform = transform
+        self.on_error: OnError = on_error
+        self.skips = RuntimeSkips()
+        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.records[index]
+        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["id"], skips=self.skips)
+        if image is None:
+            return None
+        return {"image": self.transform(image), "text": record["text"], "id": record["id"]}

@@ -21,11 +21,9 @@ from torch.utils.data import Dataset, get_worker_info
 
 from umd_lightning.data.common import (
     OnError,
-    RuntimeSkips,
     ScanMode,
     ScanReport,
     load_image,
-    load_scanned_image,
     scan_images,
 )
 from umd_lightning.data.records import Record
@@ -65,48 +63,6 @@ def select_eval_pairs(records: Sequence[Record], max_pairs: int | None, seed: in
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     return [records[i] for i in sorted(order[:max_pairs])]
-
-
-class ImageTextPairs(Dataset):
-    """(image, text) samples ``{"image": (3, H, W) tensor, "text": str, "id": str}``: retrieval training and
-    every task's TD-Calib pairs. Image files are scanned at construction (each distinct file once).
-
-    Args:
-        records: dicts with ``image`` (path), ``text`` and ``id``.
-        transform: PIL RGB image -> ``(3, H, W)`` tensor.
-        name: name in the scan report.
-        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it; an image that stops
-            decoding after the scan raises ``DataError`` from ``__getitem__`` (``raise``) or gives a ``None``
-            sample that the collate drops (``skip``).
-        scan: how much of each image the set-up scan reads.
-    """
-
-    def __init__(
-        self,
-        records: Sequence[Record],
-        transform: Callable[[Image.Image], torch.Tensor],
-        *,
-        name: str = "pairs",
-        on_error: OnError = "raise",
-        scan: ScanMode = "full",
-        progress: bool = True,
-    ) -> None:
-        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
-        self.reports: list[ScanReport] = [report]
-        self.transform = transform
-        self.on_error: OnError = on_error
-        self.skips = RuntimeSkips()
-        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        record = self.records[index]
-        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["id"], skips=self.skips)
-        if image is None:
-            return None
-        return {"image": self.transform(image), "text": record["text"], "id": record["id"]}
 
 
 class RetrievalImages(Dataset):

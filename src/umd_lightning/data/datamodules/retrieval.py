@@ -11,9 +11,9 @@ from torch.utils.data import Dataset
 
 from umd_lightning.data.common import SPLITS, ScanReport, Split
 from umd_lightning.data.datamodules.downstream import DownstreamDataModule
+from umd_lightning.data.datasets import ImageTextPairs
 from umd_lightning.data.records import Record
 from umd_lightning.data.retrieval import (
-    ImageTextPairs,
     RetrievalEvalSplit,
     RetrievalTrainCollator,
     collate_images,
