@@ -17,9 +17,9 @@ from umd_lightning.data.classification import (
     ClassificationDataset,
     class_names_from,
 )
-from umd_lightning.data.common import ScanReport
 from umd_lightning.data.downstream import ClassificationDataModule, RetrievalDataModule
 from umd_lightning.data.retrieval import RetrievalTrainCollator, select_eval_pairs
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.data.sources.medmnist import medmnist_records
 from umd_lightning.data.sources.medpix import medpix_records
 from umd_lightning.data.sources.melinda import melinda_records

@@ -12,8 +12,9 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from umd_lightning.data.answers import AnswerVocab, normalize_answer
-from umd_lightning.data.common import DataError, ScanReport
+from umd_lightning.data.common import DataError
 from umd_lightning.data.downstream import VQADataModule
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.data.vqa import (
     VQACollator,
     VQADataset,

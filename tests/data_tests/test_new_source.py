@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umd_lightning.data.common import OnError, ScanMode, safe_join
+from umd_lightning.data.common import OnError, safe_join
 from umd_lightning.data.datamodule import PretrainDataModule
 from umd_lightning.data.datasets import ImageRecord, PairDataset, Transform
 from umd_lightning.data.files import canonical_split, clean_text, decode_line, read_lines
 from umd_lightning.data.pretrain import DATASET_CLASSES, SourceSpec, build_pretrain_dataset, register_source
+from umd_lightning.data.scan import ScanMode
 from umd_lightning.data.synthetic import caption, random_scene, render
 from umd_lightning.errors import DataError
 

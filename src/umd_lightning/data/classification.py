@@ -17,16 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from umd_lightning.data.common import (
-    OnError,
-    RuntimeSkips,
-    ScanMode,
-    ScanReport,
-    load_scanned_image,
-    scan_images,
-    to_rgb,
-)
+from umd_lightning.data.common import OnError, RuntimeSkips, load_scanned_image, to_rgb
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode, ScanReport, scan_images
 
 ClassificationDatasetName = Literal["melinda", "medpix", "medmnist"]
 DEFAULT_LABEL_COLUMN = {"melinda": "p_meth_label", "medpix": "Location Category", "medmnist": None}

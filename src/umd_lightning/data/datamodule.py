@@ -12,9 +12,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from umd_lightning.data.collate import PretrainCollator
-from umd_lightning.data.common import OnError, ScanMode, require_samples
+from umd_lightning.data.common import OnError
 from umd_lightning.data.pretrain import PretrainConcatDataset, SourceSpec, build_pretrain_datasets
 from umd_lightning.data.sampler import check_loader_options, make_loader
+from umd_lightning.data.scan import ScanMode, require_samples
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.errors import ConfigError
 from umd_lightning.models.text import load_tokenizer

@@ -15,18 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from umd_lightning.data.common import (
-    OnError,
-    RuntimeSkips,
-    ScanMode,
-    ScanReport,
-    check_image_header,
-    load_image,
-    load_scanned_image,
-    scan,
-    scan_images,
-)
+from umd_lightning.data.common import OnError, RuntimeSkips, load_scanned_image
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode, ScanReport, check_image, scan, scan_images
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +55,6 @@ class ImageRecord:
     id: str
     file: str
     texts: tuple[str, ...]
-
-
-def check_image(path: Path, mode: ScanMode, *, file: str | Path, record: str | int | None) -> Any:
-    """Check one image as deeply as the scan ``mode`` asks (see ``common.ScanMode``); the decoded image for
-    ``full``, else ``None``.
-
-    Raises:
-        DataError: the image is missing or does not open / decode.
-    """
-    if mode == "full":
-        return load_image(path, file=file, record=record)
-    if mode == "header":
-        check_image_header(path, file=file, record=record)
-    elif mode != "none":
-        raise ValueError(f"scan must be 'full', 'header' or 'none', got {mode!r}")
-    return None
 
 
 class PairDataset(Dataset):

@@ -8,14 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from umd_lightning.data.answers import normalize_answer
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanReport,
-    check_text,
-    safe_join,
-    scan,
-)
+from umd_lightning.data.common import DataError, OnError, check_text, safe_join
+from umd_lightning.data.scan import ScanReport, scan
 
 Record = dict[str, Any]
 

@@ -19,14 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from umd_lightning.data.common import (
-    OnError,
-    ScanMode,
-    ScanReport,
-    load_image,
-    scan_images,
-)
+from umd_lightning.data.common import OnError, load_image
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode, ScanReport, scan_images
 from umd_lightning.data.sources.medpix import medpix_pairs
 from umd_lightning.data.sources.roco import roco_records
 from umd_lightning.errors import ConfigError

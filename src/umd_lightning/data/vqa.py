@@ -23,15 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from umd_lightning.data.answers import AnswerVocab
-from umd_lightning.data.common import (
-    OnError,
-    RuntimeSkips,
-    ScanMode,
-    ScanReport,
-    load_scanned_image,
-    scan_images,
-)
+from umd_lightning.data.common import OnError, RuntimeSkips, load_scanned_image
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode, ScanReport, scan_images
 from umd_lightning.data.sources.slake import slake_records
 from umd_lightning.data.sources.vqa_med_2019 import vqa_med_2019_m3ae_records, vqa_med_2019_records
 from umd_lightning.data.sources.vqa_rad import vqa_rad_preprocessed_records, vqa_rad_records

@@ -14,9 +14,10 @@ from umd_lightning.data.classification import (
     ClassificationDataset,
     class_names_from,
 )
-from umd_lightning.data.common import SPLITS, ScanReport, Split
+from umd_lightning.data.common import SPLITS, Split
 from umd_lightning.data.datamodules.downstream import DownstreamDataModule
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.data.sources.medmnist import medmnist_records
 from umd_lightning.data.sources.medpix import medpix_records
 from umd_lightning.data.sources.melinda import melinda_records

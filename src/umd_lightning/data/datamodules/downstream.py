@@ -20,10 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from umd_lightning.data.collate import PretrainCollator
-from umd_lightning.data.common import SPLITS, OnError, ScanMode, ScanReport, Split, require_samples
+from umd_lightning.data.common import SPLITS, OnError, Split
 from umd_lightning.data.datasets import ImageTextPairs
 from umd_lightning.data.records import Record
 from umd_lightning.data.sampler import check_loader_options, make_loader
+from umd_lightning.data.scan import ScanMode, ScanReport, require_samples
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.errors import ConfigError
 from umd_lightning.models.text import load_tokenizer

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from umd_lightning.data.common import SPLITS, ScanReport, Split
+from umd_lightning.data.common import SPLITS, Split
 from umd_lightning.data.datamodules.downstream import DownstreamDataModule
 from umd_lightning.data.datasets import ImageTextPairs
 from umd_lightning.data.records import Record
@@ -20,6 +20,7 @@ from umd_lightning.data.retrieval import (
     make_eval_split,
     read_retrieval_records,
 )
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.errors import ConfigError
 from umd_lightning.seeds import run_seed
 

@@ -8,9 +8,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from umd_lightning.data.answers import AnswerVocab
-from umd_lightning.data.common import SPLITS, ScanReport, Split, require_samples
+from umd_lightning.data.common import SPLITS, Split
 from umd_lightning.data.datamodules.downstream import DownstreamDataModule
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanReport, require_samples
 from umd_lightning.data.vqa import VQACollator, VQADataset, holdout_by_image, read_vqa_records
 from umd_lightning.errors import check_range
 

@@ -5,18 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    safe_join,
-)
+from umd_lightning.data.common import DataError, OnError, safe_join
 from umd_lightning.data.datasets import ImageRecord, PairDataset, Transform, _Filtered
 from umd_lightning.data.files import (
     _parse_all,
     _require_file,
     clean_text,
 )
+from umd_lightning.data.scan import ScanMode
 
 _VAL_ALIASES = ("val", "validation", "validate", "dev")
 

@@ -8,12 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    safe_join,
-)
+from umd_lightning.data.common import DataError, OnError, safe_join
 from umd_lightning.data.datasets import MIN_WORDS, ImageRecord, PairDataset, Transform
 from umd_lightning.data.files import (
     _parse_all,
@@ -23,6 +18,7 @@ from umd_lightning.data.files import (
     collapse_whitespace,
     string_field,
 )
+from umd_lightning.data.scan import ScanMode
 
 log = logging.getLogger(__name__)
 

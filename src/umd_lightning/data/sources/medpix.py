@@ -7,17 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    ScanReport,
-    add_report,
-    check_label_column,
-    check_text,
-    safe_join,
-    scan,
-)
+from umd_lightning.data.common import DataError, OnError, check_label_column, check_text, safe_join
 from umd_lightning.data.datasets import ImageRecord, PairDataset, Transform, _Filtered
 from umd_lightning.data.files import (
     _require_file,
@@ -29,6 +19,7 @@ from umd_lightning.data.files import (
     string_field,
 )
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode, ScanReport, add_report, scan
 
 MEDPIX_LABEL_COLUMNS = ("Location Category", "Type")
 

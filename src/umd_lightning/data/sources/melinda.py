@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from umd_lightning.data.common import (
-    OnError,
-    ScanReport,
-    add_report,
-    check_label_column,
-    check_text,
-    safe_join,
-    scan,
-)
+from umd_lightning.data.common import OnError, check_label_column, check_text, safe_join
 from umd_lightning.data.files import read_csv_rows, require_files
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanReport, add_report, scan
 
 MELINDA_LABEL_COLUMNS = ("i_meth", "p_meth", "i_meth_label", "p_meth_label")
 

@@ -7,19 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    read_text,
-    safe_join,
-)
+from umd_lightning.data.common import DataError, OnError, read_text, safe_join
 from umd_lightning.data.datasets import ImageRecord, PairDataset, Transform, _Filtered
 from umd_lightning.data.files import (
     canonical_split,
     collapse_whitespace,
     read_csv_rows,
 )
+from umd_lightning.data.scan import ScanMode
 
 MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 

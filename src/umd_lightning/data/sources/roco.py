@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    ScanReport,
-    safe_join,
-    scan,
-)
+from umd_lightning.data.common import DataError, OnError, safe_join
 from umd_lightning.data.datasets import MIN_WORDS, ImageRecord, PairDataset, Transform, _Filtered
 from umd_lightning.data.files import (
     canonical_split,
@@ -20,6 +13,7 @@ from umd_lightning.data.files import (
     read_lines,
 )
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode, ScanReport, scan
 
 ROCO_SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
 """ROCO's split folders; M3AE renames ``validation`` to ``val``, so both are accepted."""
