@@ -1,7 +1,7 @@
 """Image-text retrieval over the ROCO and MedPix 2.0 readers (``data/sources/``), training collate, evaluation
 splits (UMD_SPEC 4.1).
 
-Records are plain dicts ``{"id": str, "image": Path, "text": str, "split": "train" | "val" | "test"}``.
+Records are ``records.Record``s with ``id``, ``image`` (a path), the caption (``text``) and ``split``.
 Training scores each image against its own caption and ``num_candidates - 1`` other captions; evaluation
 scores every image against every caption of a split (at most ``max_pairs`` pairs, picked by a seeded shuffle).
 """
@@ -86,7 +86,7 @@ class RetrievalImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         return {
-            "image": self.transform(load_image(record["image"], record=record["id"])),
+            "image": self.transform(load_image(record.image, record=record.id)),
             "image_index": index,
         }
 
@@ -138,8 +138,8 @@ def make_eval_split(
     more pairs than are evaluated); with ``on_error="skip"`` bad pairs are dropped after the pick."""
     picked = select_eval_pairs(records, max_pairs, seed)
     chosen, report = scan_images(picked, name=name, mode=scan, on_error=on_error, progress=progress)
-    captions = [record["text"] for record in chosen]
-    ids = [record["id"] for record in chosen]
+    captions = [record.text for record in chosen]
+    ids = [record.id for record in chosen]
     return RetrievalEvalSplit(RetrievalImages(chosen, transform, [report]), captions, list(captions), ids)
 
 

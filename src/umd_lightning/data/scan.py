@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -18,11 +18,22 @@ from tqdm.auto import tqdm
 from umd_lightning.data.common import NON_FINITE_INFO, OnError, check_image_header, load_image
 from umd_lightning.errors import DataError
 
+if TYPE_CHECKING:
+    from umd_lightning.data.records import Record
+
 log = logging.getLogger(__name__)
 
 ScanMode = Literal["full", "header", "none"]
 """How much of each image the set-up scan reads: ``full`` decodes it (finds truncated files), ``header`` opens it
 (finds missing and non-image files), ``none`` only checks the annotation."""
+
+
+@dataclass(frozen=True)
+class Filtered:
+    """What a record check returns for a record left out on purpose (a short caption, another view; not a data
+    error): ``scan`` keeps nothing for it and counts it under ``kind`` in the report's problems."""
+
+    kind: str
 
 
 def check_image(path: Path, mode: ScanMode, *, file: str | Path, record: str | int | None) -> Any:
@@ -55,6 +66,8 @@ class ScanReport:
         notes: kept records with something worth knowing, by kind (``non_finite_pixels``: a float image
             with NaN or infinite pixels, scaled by its finite ones).
         note_examples: the first few messages of each note kind.
+        filtered: records left out on purpose, by kind (a ``Filtered`` from the record check; also counted in
+            ``problems``).
     """
 
     name: str
@@ -64,6 +77,7 @@ class ScanReport:
     problems: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     notes: Counter = field(default_factory=Counter)
+    filtered: Counter = field(default_factory=Counter)
     note_examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 3
 
@@ -137,7 +151,8 @@ def scan(
 ) -> tuple[list[Any], ScanReport]:
     """Run ``check`` on every item at set-up; keep what passes, raise or count what fails.
 
-    ``check`` returns the item to keep (possibly transformed) or raises ``DataError``. Errors of a kind in
+    ``check`` returns the item to keep (possibly transformed), a ``Filtered`` for an item left out on purpose
+    (counted by kind, never an error) or raises ``DataError``. Errors of a kind in
     ``skip_kinds`` are skipped and counted even with ``on_error="raise"`` (a known defect of a published file).
 
     Raises:
@@ -152,29 +167,34 @@ def scan(
     for item in tqdm(items, total=total, desc=f"scan {name}", disable=not progress, leave=False):
         report.read += 1
         try:
-            kept.append(check(item))
+            outcome = check(item)
         except DataError as error:
             if on_error == "raise" and error.kind not in skip_kinds:
                 raise
             report.add(error)
+            continue
+        if isinstance(outcome, Filtered):
+            report.filtered[outcome.kind] += 1
+        else:
+            kept.append(outcome)
     report.kept = len(kept)
     if report.skipped:
         log.warning(report.summary())
     else:
         log.info(report.summary())
+    # Left-out records count with the problems (``short_caption: 2``), after the data errors' summary above.
+    report.problems.update(report.filtered)
     return kept, report
 
 
 def scan_images(
-    records: Sequence[dict[str, Any]],
+    records: Sequence[Record],
     *,
     name: str,
     mode: ScanMode = "full",
     on_error: OnError = "raise",
-    image_key: str = "image",
-    id_key: str = "id",
     progress: bool = True,
-) -> tuple[list[dict[str, Any]], ScanReport]:
+) -> tuple[list[Record], ScanReport]:
     """Scan the image file of every record (``mode``: ``full`` decodes, ``header`` opens, ``none`` skips).
 
     An image shared by several records (VQA: many questions per image) is read once; every record that uses a
@@ -190,20 +210,20 @@ def scan_images(
     verdicts: dict[Path, DataError | None] = {}
     noted = ScanReport(name=name)
 
-    def check(record: dict[str, Any]) -> dict[str, Any]:
-        path = record[image_key]
+    def check(record: Record) -> Record:
+        path = record.image
         if checker is None or not isinstance(path, str | Path):
             return record
         path = Path(path)
         if path not in verdicts:
             try:
-                noted.note_image(checker(path, record=record[id_key]), path, record[id_key])
+                noted.note_image(checker(path, record=record.id), path, record.id)
                 verdicts[path] = None
             except DataError as error:
                 verdicts[path] = error
         error = verdicts[path]
         if error is not None:
-            raise DataError(error.kind, error.file, record[id_key], error.reason)
+            raise DataError(error.kind, error.file, record.id, error.reason)
         return record
 
     kept, report = scan(records, check, name=name, on_error=on_error, progress=progress)

@@ -130,7 +130,7 @@ class DownstreamDataModule(LightningDataModule):
         self.leak_notes.append(note)
 
     def _pair(self, record: Record) -> Record:
-        """The (image, text) pair of a record for ``calib`` mode: ``{"image", "text", "id"}``."""
+        """The (image, text) pair of a record for ``calib`` mode: a ``Record`` with ``image``, ``id`` and one text."""
         raise NotImplementedError
 
     def _task_dataset(self, split: Split, train: bool) -> Dataset:
