@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 from PIL import Image
 from tqdm.auto import tqdm
@@ -18,14 +18,24 @@ from tqdm.auto import tqdm
 from umd_lightning.data.common import NON_FINITE_INFO, OnError, check_image_header, load_image
 from umd_lightning.errors import DataError
 
-if TYPE_CHECKING:
-    from umd_lightning.data.records import Record
-
 log = logging.getLogger(__name__)
 
 ScanMode = Literal["full", "header", "none"]
 """How much of each image the set-up scan reads: ``full`` decodes it (finds truncated files), ``header`` opens it
 (finds missing and non-image files), ``none`` only checks the annotation."""
+
+
+class HasImage(Protocol):
+    """What ``scan_images`` reads of a record (``records.Record`` has both)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def image(self) -> Any: ...
+
+
+RecordT = TypeVar("RecordT", bound=HasImage)
 
 
 @dataclass(frozen=True)
@@ -188,13 +198,13 @@ def scan(
 
 
 def scan_images(
-    records: Sequence[Record],
+    records: Sequence[RecordT],
     *,
     name: str,
     mode: ScanMode = "full",
     on_error: OnError = "raise",
     progress: bool = True,
-) -> tuple[list[Record], ScanReport]:
+) -> tuple[list[RecordT], ScanReport]:
     """Scan the image file of every record (``mode``: ``full`` decodes, ``header`` opens, ``none`` skips).
 
     An image shared by several records (VQA: many questions per image) is read once; every record that uses a
@@ -210,7 +220,7 @@ def scan_images(
     verdicts: dict[Path, DataError | None] = {}
     noted = ScanReport(name=name)
 
-    def check(record: Record) -> Record:
+    def check(record: RecordT) -> RecordT:
         path = record.image
         if checker is None or not isinstance(path, str | Path):
             return record
