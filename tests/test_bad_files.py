@@ -180,15 +180,15 @@ def test_data_check_reports_bad_encoding_as_a_data_problem(tmp_path, capsys):
 
 
 def test_a_byte_order_mark_is_accepted_by_every_reader(tmp_path):
-    assert [r["qid"] for r in vqa_rad_records(BAD / "vqa_rad_bom")] == ["good", "test_good"]
-    assert [r["id"] for r in melinda_records(BAD / "melinda_bom")] == ["PMC1_F1.jpg", "PMC2_F1.jpg", "PMC2_F1.jpg"]
+    assert [r.id for r in vqa_rad_records(BAD / "vqa_rad_bom")] == ["good", "test_good"]
+    assert [r.id for r in melinda_records(BAD / "melinda_bom")] == ["PMC1_F1.jpg", "PMC2_F1.jpg", "PMC2_F1.jpg"]
     # The pipe-separated VQA-Med files and a ROCO captions file, each with a BOM added to the fixture.
     root = tmp_path / "vqa_med_2019_m3ae"
     shutil.copytree(FIXTURES / "vqa_med_2019_m3ae", root)
     for file in root.glob("*/QA/*.csv"):
         file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes())
     plain = vqa_med_2019_m3ae_records(FIXTURES / "vqa_med_2019_m3ae")
-    assert [r["image_id"] for r in vqa_med_2019_m3ae_records(root)] == [r["image_id"] for r in plain]
+    assert [r.image_id for r in vqa_med_2019_m3ae_records(root)] == [r.image_id for r in plain]
     roco = tmp_path / "roco"
     shutil.copytree(FIXTURES / "roco", roco)
     captions = roco / "train" / "radiology" / "captions.txt"
@@ -249,7 +249,7 @@ def test_numbers_are_one_answer_and_non_finite_ones_are_bad_answers():
         with pytest.raises(ValueError, match="not a finite number"):
             normalize_answer(value)
     module = vqa_module(BAD / "vqa_rad_answers", on_error="skip")
-    answers = {r["qid"]: r["answer"] for split in module.records.values() for r in split}
+    answers = {r.id: r.answer for split in module.records.values() for r in split}
     assert {answers[q] for q in ("int_answer", "float_answer", "text_answer")} == {"2"}
     assert answers["decimal_answer"] == answers["test_decimal"] == "2.5"
     assert sorted(module.answer_vocab.answers) == ["2", "2.5", "yes"]
@@ -272,7 +272,7 @@ def test_a_question_of_invisible_characters_is_empty():
     module = vqa_module(BAD / "vqa_rad_answers", on_error="skip")
     examples = [m for report in module.scan_reports for m in report.examples.get("empty_text", [])]
     assert len(examples) == 1 and "record zero_width_question: question must be a non-empty string" in examples[0]
-    assert "zero_width_question" not in {r["qid"] for split in module.records.values() for r in split}
+    assert "zero_width_question" not in {r.id for split in module.records.values() for r in split}
 
 
 def test_repeated_qids_are_named_and_counted():
@@ -281,9 +281,9 @@ def test_repeated_qids_are_named_and_counted():
     assert (caught.value.kind, caught.value.record) == ("duplicate_qid", "0")
     assert "predictions are keyed by qid" in str(caught.value)
     module = vqa_module(BAD / "vqa_rad_same_qid", on_error="skip")
-    assert [r["question"] for r in module.records["train"]] == ["is there a bright disc?"]
+    assert [r.question for r in module.records["train"]] == ["is there a bright disc?"]
     assert sum(report.problems["duplicate_qid"] for report in module.scan_reports) == 2
-    assert [r["qid"] for r in module.records["test"]] == ["test_0"]
+    assert [r.id for r in module.records["test"]] == ["test_0"]
 
 
 def test_finetune_with_no_usable_training_sample_exits_non_zero_with_the_counts(tmp_path, capsys):

@@ -50,7 +50,7 @@ def vqa_module(root: Path, **options) -> VQADataModule:
 
 
 def qids(module: VQADataModule) -> set[str]:
-    return {record["qid"] for dataset in module.datasets.values() for record in dataset.records}
+    return {record.id for dataset in module.datasets.values() for record in dataset.records}
 
 
 def load_module(path: Path):
@@ -166,7 +166,7 @@ def test_json_file_that_is_not_a_list_fails_whatever_the_policy():
 
 def test_none_answer_is_the_answer_none_and_an_unknown_test_answer_is_scored_wrong(tokenizer):
     module = vqa_module(BAD / "vqa_rad", on_error="skip", validation="val_is_test")
-    answers = {r["qid"]: r["answer"] for split in module.records.values() for r in split}
+    answers = {r.id: r.answer for split in module.records.values() for r in split}
     assert answers["none_answer"] == answers["test_none_answer"] == "none"
     assert "none" in module.answer_vocab
     assert module.out_of_vocabulary["test"] == 1
@@ -281,7 +281,7 @@ def test_melinda_skip_counts_every_defect_and_loads_the_16_bit_png():
             problems[kind] = problems.get(kind, 0) + count
     assert problems == {"empty_text": 2, "unsafe_path": 2, "missing_image": 1, "bad_image": 1}
     train = module.datasets["train"]
-    assert [r["id"] for r in train.records] == ["PMC1_F1.jpg", "PMC2_F1.jpg", "PMC3_F1.png"]
+    assert [r.id for r in train.records] == ["PMC1_F1.jpg", "PMC2_F1.jpg", "PMC3_F1.png"]
     assert train[2]["image"].shape == (3, 32, 32)
 
 
@@ -342,18 +342,18 @@ def test_vqa_image_corrupted_after_the_scan_in_a_worker(tmp_path, policy):
     module.setup("fit")
     train = module.datasets["train"]
     victim = train.records[0]
-    corrupt(victim["image"])
-    on_victim = {record["qid"] for record in train.records if record["image"] == victim["image"]}
+    corrupt(victim.image)
+    on_victim = {record.id for record in train.records if record.image == victim.image}
     if policy == "raise":
         # The worker's DataError reaches the main process as a DataError (with the worker's traceback).
-        pattern = rf"record ({'|'.join(map(re.escape, on_victim))}): cannot decode .*{re.escape(victim['image'].name)}"
+        pattern = rf"record ({'|'.join(map(re.escape, on_victim))}): cannot decode .*{re.escape(victim.image.name)}"
         with pytest.raises(DataError, match=pattern) as caught:
             for _ in module.train_dataloader():
                 pass
         assert caught.value.kind == "bad_image"
     else:
         seen = [qid for batch in module.train_dataloader() if batch is not None for qid in batch["qids"]]
-        assert sorted(seen) == sorted(r["qid"] for r in train.records if r["qid"] not in on_victim)
+        assert sorted(seen) == sorted(r.id for r in train.records if r.id not in on_victim)
 
 
 @pytest.mark.slow
@@ -366,7 +366,7 @@ def test_pretrain_image_corrupted_after_the_scan_in_a_worker(tmp_path, policy):
     )
     module.setup("fit")
     first = module.train_dataset.datasets[0].images[0]
-    corrupt(first.path)
+    corrupt(first.image)
     loader = module._loader(module.train_dataset, "train", train=False)  # every sample once, none dropped by size
     if policy == "raise":
         with pytest.raises(DataError, match=rf"record {first.id}: cannot decode") as caught:

@@ -59,7 +59,7 @@ def test_images_broken_during_a_two_worker_epoch_are_skipped_and_counted_exactly
     )
     data.setup("fit")
     train = data.datasets["train"]
-    images = sorted({record["image"] for record in train.records})
+    images = sorted({record.image for record in train.records})
     victims = random.Random(seed).sample(images, k=len(images) // 2)
     chaos = Chaos(victims, at=2)
     pl.seed_everything(seed)
@@ -68,14 +68,14 @@ def test_images_broken_during_a_two_worker_epoch_are_skipped_and_counted_exactly
     trainer.fit(model, datamodule=data)
 
     assert trainer.state.finished and trainer.fit_loop.epoch_progress.current.completed == 1
-    every = Counter(record["qid"] for record in train.records)
+    every = Counter(record.id for record in train.records)
     assert max(every.values()) == 1
     delivered = Counter(chaos.delivered)
     assert max(delivered.values()) == 1 and set(delivered) <= set(every)  # nothing twice, nothing foreign
     missing = set(every) - set(delivered)
     # Exact: every sample not delivered was counted as dropped, by whichever worker process loaded it.
     assert train.skips.total == len(missing) > 0
-    on_victims = {record["qid"] for record in train.records if record["image"] in set(victims)}
+    on_victims = {record.id for record in train.records if record.image in set(victims)}
     assert missing <= on_victims  # nothing else lost: a question on an intact image always arrives
     # The batches before the damage (two, plus what the workers had fetched ahead) were whole.
     assert len(chaos.delivered) >= 2 * 4

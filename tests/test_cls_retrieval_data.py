@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import shutil
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,10 @@ from umd_lightning.data.classification import (
     ClassificationDataset,
     class_names_from,
 )
-from umd_lightning.data.common import ScanReport
 from umd_lightning.data.downstream import ClassificationDataModule, RetrievalDataModule
+from umd_lightning.data.records import Record
 from umd_lightning.data.retrieval import RetrievalTrainCollator, select_eval_pairs
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.data.sources.medmnist import medmnist_records
 from umd_lightning.data.sources.medpix import medpix_records
 from umd_lightning.data.sources.melinda import melinda_records
@@ -47,11 +49,11 @@ def test_melinda_records_and_class_ids():
     root = FIXTURES / "melinda"
     records = melinda_records(root)
     rows = {split: _csv_rows(root / f"{name}.csv") for split, name in [("train", "train"), ("val", "dev")]}
-    assert Counter(r["split"] for r in records)["val"] == len(rows["val"])
+    assert Counter(r.split for r in records)["val"] == len(rows["val"])
     assert class_names_from(records) == sorted({row["p_meth_label"] for row in rows["train"]})
     first = records[0]
-    assert first["image"] == (root / "melinda_images" / rows["train"][0]["figure_file"]).resolve()
-    assert first["text"] == rows["train"][0]["caption"].strip()
+    assert first.image == (root / "melinda_images" / rows["train"][0]["figure_file"]).resolve()
+    assert first.text == rows["train"][0]["caption"].strip()
     other = melinda_records(root, label_column="i_meth")
     assert class_names_from(other) == sorted({row["i_meth"] for row in rows["train"]})
 
@@ -89,8 +91,8 @@ def test_medmnist_dataset_and_collator(tmp_path, tokenizer):
     path = tmp_path / "pneumoniamnist.npz"
     _tiny_medmnist(path)
     records = medmnist_records(path)
-    assert Counter(r["split"] for r in records) == {"train": 6, "val": 2, "test": 3}
-    assert {r["text"] for r in records} == {"a chest x-ray"}
+    assert Counter(r.split for r in records) == {"train": 6, "val": 2, "test": 3}
+    assert {r.text for r in records} == {"a chest x-ray"}
     assert class_names_from(records) == ["0", "1"]
     dataset = ClassificationDataset(records[:4], to_tensor, ["0", "1"], progress=False)
     sample = dataset[1]
@@ -102,7 +104,7 @@ def test_medmnist_dataset_and_collator(tmp_path, tokenizer):
     assert batch["labels"].tolist() == [0, 1, 0, 1] and batch["ids"][0] == "train/0"
     assert batch["input_ids"].shape == batch["attention_mask"].shape
     with pytest.raises(ValueError, match=r"label\(s\) \['7'\]"):
-        ClassificationDataset([{**records[0], "label_name": "7"}], to_tensor, ["0", "1"])
+        ClassificationDataset([replace(records[0], label_name="7")], to_tensor, ["0", "1"])
 
 
 def test_classification_datamodule_melinda(tmp_path):
@@ -117,7 +119,7 @@ def test_classification_datamodule_melinda(tmp_path):
     )
     calib.setup("fit")
     batch = next(iter(calib.train_dataloader()))
-    assert set(batch["texts"]) <= {r["text"] for r in calib.records["train"]}
+    assert set(batch["texts"]) <= {r.text for r in calib.records["train"]}
     assert batch["mlm_labels"].shape == batch["input_ids"].shape
 
 
@@ -128,10 +130,10 @@ def test_roco_records_captions_and_val_folder(tmp_path):
     lines = (root / "train" / "radiology" / "captions.txt").read_text().splitlines()
     captions = [" ".join(line.split("\t", 1)[1].split()) for line in lines if line.strip()]
     short = sum(len(c.split()) < 3 for c in captions)
-    train = [r for r in records if r["split"] == "train"]
-    assert [r["text"] for r in train] == [c for c in captions if len(c.split()) >= 3]
+    train = [r for r in records if r.split == "train"]
+    assert [r.text for r in train] == [c for c in captions if len(c.split()) >= 3]
     assert reports[0].problems == ({"short_caption": short} if short else {})
-    assert train[0]["image"] == (root / "train/radiology/images" / f"{train[0]['id']}.jpg").resolve()
+    assert train[0].image == (root / "train/radiology/images" / f"{train[0].id}.jpg").resolve()
     renamed = tmp_path / "roco"
     shutil.copytree(root, renamed)
     (renamed / "validation").rename(renamed / "val")
@@ -163,9 +165,9 @@ def test_train_collator_negatives_never_equal_the_true_caption(tokenizer):
 
 
 def test_select_eval_pairs_is_seeded_and_bounded():
-    records = [{"id": str(i)} for i in range(50)]
+    records = [Record(id=str(i), image=None) for i in range(50)]
     picked = select_eval_pairs(records, 10, seed=0)
-    assert len(picked) == 10 and [int(r["id"]) for r in picked] == sorted(int(r["id"]) for r in picked)
+    assert len(picked) == 10 and [int(r.id) for r in picked] == sorted(int(r.id) for r in picked)
     assert picked == select_eval_pairs(records, 10, seed=0) != select_eval_pairs(records, 10, seed=1)
     assert select_eval_pairs(records, None, seed=0) == records
 
@@ -178,8 +180,8 @@ def test_retrieval_datamodule_train_and_eval():
     batch = next(iter(module.train_dataloader()))
     assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["input_ids"].shape[:2] == (3, 4)
     split = module.eval_split("validate")
-    assert split.captions == split.image_captions == [r["text"] for r in module.records["val"]]
-    assert split.caption_ids == [r["id"] for r in module.records["val"]]
+    assert split.captions == split.image_captions == [r.text for r in module.records["val"]]
+    assert split.caption_ids == [r.id for r in module.records["val"]]
     assert module.task == "retrieval" and module.num_outputs is None and module.labels is None
     images = next(iter(module.val_dataloader()))
     assert images["image_index"].tolist() == list(range(len(split.captions)))
@@ -194,7 +196,7 @@ def test_real_medpix_and_medmnist(shared_data):
     if not medpix.is_dir() or not npz.is_file():
         pytest.skip("MedPix 2.0 or PneumoniaMNIST is absent from ../shared/data")
     records = medpix_records(medpix)
-    assert Counter(r["split"] for r in records) == {"train": 1653, "val": 197, "test": 200}
+    assert Counter(r.split for r in records) == {"train": 1653, "val": 197, "test": 200}
     assert class_names_from(records) == [
         "Abdomen",
         "Head",
@@ -205,6 +207,6 @@ def test_real_medpix_and_medmnist(shared_data):
     assert class_names_from(medpix_records(medpix, label_column="Type")) == ["CT", "MR"]
     module = RetrievalDataModule("medpix", str(medpix), scan="none", num_workers=0)
     assert len(module.records["test"]) == 200
-    assert len({r["text"] for r in module.records["test"]}) < 200, "MedPix repeats captions within a case"
+    assert len({r.text for r in module.records["test"]}) < 200, "MedPix repeats captions within a case"
     images = medmnist_records(npz)
-    assert Counter(r["split"] for r in images) == {"train": 4708, "val": 524, "test": 624}
+    assert Counter(r.split for r in images) == {"train": 4708, "val": 524, "test": 624}

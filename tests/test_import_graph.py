@@ -1,6 +1,7 @@
 """The package's import graph, read with ``ast`` (nothing imported): module-level imports form no cycle, the
-fine-tuning task modules (``stages/tasks/``) import only their shared base, and the data task modules (pretrain,
-vqa, classification, retrieval) import none of each other."""
+fine-tuning task modules (``stages/tasks/``) import only their shared base, the data task modules (pretrain,
+vqa, classification, retrieval) import none of each other, and each downstream DataModule reaches only its own
+task module (the shared base none)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,20 @@ def import_graph() -> dict[str, set[str]]:
     return {name: top_level_imports(path, set(paths)) for name, path in paths.items()}
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports at module level, directly or through other modules."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+DATA_TASKS = {f"umd_lightning.data.{name}" for name in ("pretrain", "vqa", "classification", "retrieval")}
+
+
 def test_module_level_imports_have_no_cycle() -> None:
     graph = import_graph()
     assert "umd_lightning.stages.finetune" in graph and "umd_lightning.predict" in graph
@@ -91,9 +106,24 @@ def test_data_task_modules_import_no_other_task_module() -> None:
     """Pre-training, VQA, classification and retrieval read shared publishers through ``data/sources/`` and shared
     file rules through ``data/files.py``, never through each other."""
     graph = import_graph()
-    tasks = {f"umd_lightning.data.{name}" for name in ("pretrain", "vqa", "classification", "retrieval")}
+    tasks = DATA_TASKS
     crossing = {task: sorted(graph[task] & tasks) for task in sorted(tasks) if graph[task] & tasks}
     assert not crossing, crossing
     sources = {name for name in graph if name.startswith("umd_lightning.data.sources.")}
     assert {"umd_lightning.data.sources.roco", "umd_lightning.data.sources.medpix"} <= sources
     assert all(not graph[source] & tasks for source in sources)
+
+
+def test_downstream_datamodules_reach_only_their_own_task_module() -> None:
+    """The downstream DataModule base (``datamodules/downstream.py``) reaches no data task module, directly or
+    through another module, and each task's DataModule reaches only its own (``datamodules/vqa.py`` -> ``vqa.py``)."""
+    graph = import_graph()
+    base = "umd_lightning.data.datamodules.downstream"
+    assert not reachable(graph, base) & DATA_TASKS, sorted(reachable(graph, base) & DATA_TASKS)
+    for task in ("vqa", "classification", "retrieval"):
+        datamodule = f"umd_lightning.data.datamodules.{task}"
+        assert base in graph[datamodule]
+        assert reachable(graph, datamodule) & DATA_TASKS == {f"umd_lightning.data.{task}"}, (
+            datamodule,
+            sorted(reachable(graph, datamodule) & DATA_TASKS),
+        )

@@ -297,7 +297,7 @@ def test_slake_empty_answer_is_skipped_and_counted_by_the_shipped_configs(tmp_pa
     module = VQADataModule(root=str(root), tokenizer="minilm", num_workers=0, **options)
     report = next(r for r in module.scan_reports if r.name == "slake/train")
     assert report.problems["empty_answer"] == 1 and "record 1622" in report.examples["empty_answer"][0]
-    assert "9001" in {r["qid"] for r in module.records["train"] + module.records["val"]}  # "EN" is English
+    assert "9001" in {r.id for r in module.records["train"] + module.records["val"]}  # "EN" is English
     with pytest.raises(Exception, match=r"record 1622: answer '' is empty after normalisation \[empty_answer\]"):
         VQADataModule(root=str(root), tokenizer="minilm", num_workers=0, **{**options, "skip_empty_answers": False})
 

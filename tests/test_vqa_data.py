@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from umd_lightning.data.answers import AnswerVocab, normalize_answer
-from umd_lightning.data.common import DataError, ScanReport
+from umd_lightning.data.common import DataError
 from umd_lightning.data.downstream import VQADataModule
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.data.vqa import (
     VQACollator,
     VQADataset,
@@ -91,25 +93,26 @@ def test_vqa_rad_official_records():
     reports: list[ScanReport] = []
     records = vqa_rad_records(FIXTURES / "vqa_rad", reports=reports)
     n_test = sum(entry["phrase_type"].startswith("test_") for entry in raw)
-    assert Counter(r["split"] for r in records) == {"train": len(raw) - n_test, "test": n_test}
+    assert Counter(r.split for r in records) == {"train": len(raw) - n_test, "test": n_test}
     assert reports[0].read == reports[0].kept == len(raw)
     first = records[0]
-    assert set(first) == {"qid", "image", "image_id", "question", "answer", "answer_type", "split"}
-    assert first["image"] == (FIXTURES / "vqa_rad" / "VQA_RAD Image Folder" / raw[0]["image_name"]).resolve()
-    assert first["image_id"] == Path(raw[0]["image_name"]).stem
-    assert first["answer"] == normalize_answer(raw[0]["answer"])
-    assert {r["answer_type"] for r in records} == {"open", "closed"}
+    filled = {f.name for f in fields(first) if getattr(first, f.name) not in (None, "", ())}
+    assert filled == {"id", "image", "image_id", "question", "answer", "answer_type", "split"}
+    assert first.image == (FIXTURES / "vqa_rad" / "VQA_RAD Image Folder" / raw[0]["image_name"]).resolve()
+    assert first.image_id == Path(raw[0]["image_name"]).stem
+    assert first.answer == normalize_answer(raw[0]["answer"])
+    assert {r.answer_type for r in records} == {"open", "closed"}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_layout_reads_its_fixture(layout):
     records = read_vqa_records(layout, FIXTURES / layout)
-    splits = Counter(r["split"] for r in records)
+    splits = Counter(r.split for r in records)
     assert splits["train"] > 0 and splits["test"] > 0
-    assert all(r["image"].is_file() for r in records)
-    assert all(r["answer"] == normalize_answer(r["answer"]) for r in records)
+    assert all(r.image.is_file() for r in records)
+    assert all(r.answer == normalize_answer(r.answer) for r in records)
     if layout.startswith("vqa_med"):
-        assert {r["answer_type"] for r in records} == {"open"}
+        assert {r.answer_type for r in records} == {"open"}
         assert splits["val"] > 0
 
 
@@ -117,7 +120,7 @@ def test_vqa_rad_preprocessed_matches_its_files():
     root = FIXTURES / "vqa_rad_preprocessed"
     records = read_vqa_records("vqa_rad_preprocessed", root)
     sizes = {s: len(json.loads((root / f"{s}set.json").read_text())) for s in ("train", "val", "test")}
-    assert Counter(r["split"] for r in records) == sizes
+    assert Counter(r.split for r in records) == sizes
 
 
 def test_slake_language_and_none_answers():
@@ -125,11 +128,11 @@ def test_slake_language_and_none_answers():
     raw = {s: json.loads((root / f).read_text()) for s, f in [("train", "train.json"), ("val", "validate.json")]}
     english = slake_records(root)
     everything = slake_records(root, language=None)
-    assert Counter(r["split"] for r in english)["train"] == sum(e["q_lang"] == "en" for e in raw["train"])
-    assert Counter(r["split"] for r in everything)["train"] == len(raw["train"])
+    assert Counter(r.split for r in english)["train"] == sum(e["q_lang"] == "en" for e in raw["train"])
+    assert Counter(r.split for r in everything)["train"] == len(raw["train"])
     n_none = sum(e["answer"] == "None" for split in raw.values() for e in split)
     assert n_none > 0, "the fixture should hold literal 'None' answers"
-    assert sum(r["answer"] == "none" for r in everything if r["split"] in raw) == n_none
+    assert sum(r.answer == "none" for r in everything if r.split in raw) == n_none
 
 
 def test_vqa_med_categories():
@@ -138,7 +141,7 @@ def test_vqa_med_categories():
     with_abnormality = vqa_med_2019_records(root, categories=["modality", "plane", "organ", "abnormality"])
     abnormality = root / "ImageClef-2019-VQA-Med-Training" / "QAPairsByCategory" / "C4_Abnormality_train.txt"
     train_lines = len(abnormality.read_text().splitlines())
-    extra = Counter(r["split"] for r in with_abnormality) - Counter(r["split"] for r in default)
+    extra = Counter(r.split for r in with_abnormality) - Counter(r.split for r in default)
     assert extra["train"] == train_lines
     with pytest.raises(ValueError, match="abnormality"):
         vqa_med_2019_records(root, categories=["anatomy"])
@@ -197,11 +200,11 @@ def test_missing_image_found_at_scan_once_per_question(tmp_path):
     _tiny_vqa_rad(tmp_path)
     (tmp_path / "VQA_RAD Image Folder" / "synpic1.jpg").unlink()
     records = vqa_rad_records(tmp_path)
-    vocab = AnswerVocab.from_answers(r["answer"] for r in records)
+    vocab = AnswerVocab.from_answers(r.answer for r in records)
     with pytest.raises(DataError, match="record 1"):
         VQADataset(records, to_tensor, vocab, progress=False)
     dataset = VQADataset(records, to_tensor, vocab, on_error="skip", progress=False)
-    uses = sum(r["image_id"] == "synpic1" for r in records)
+    uses = sum(r.image_id == "synpic1" for r in records)
     assert len(dataset) == len(records) - uses
     assert dataset.reports[0].problems == {"missing_image": uses}
 
@@ -226,30 +229,30 @@ def test_dataset_and_collator_targets(tmp_path, tokenizer):
 
 
 def test_holdout_is_by_image_and_seeded():
-    records = [r for r in read_vqa_records("vqa_rad", FIXTURES / "vqa_rad") if r["split"] == "train"]
+    records = [r for r in read_vqa_records("vqa_rad", FIXTURES / "vqa_rad") if r.split == "train"]
     train, val = holdout_by_image(records, 0.25, seed=3)
     assert len(train) + len(val) == len(records) and val
-    assert not {r["image_id"] for r in train} & {r["image_id"] for r in val}
-    images = len({r["image_id"] for r in records})
-    assert len({r["image_id"] for r in val}) == max(1, round(0.25 * images))
+    assert not {r.image_id for r in train} & {r.image_id for r in val}
+    images = len({r.image_id for r in records})
+    assert len({r.image_id for r in val}) == max(1, round(0.25 * images))
     again, _ = holdout_by_image(records, 0.25, seed=3)
-    assert [r["qid"] for r in again] == [r["qid"] for r in train]
-    picks = {frozenset(r["image_id"] for r in holdout_by_image(records, 0.25, seed=s)[1]) for s in range(6)}
+    assert [r.id for r in again] == [r.id for r in train]
+    picks = {frozenset(r.image_id for r in holdout_by_image(records, 0.25, seed=s)[1]) for s in range(6)}
     assert len(picks) > 1
 
 
 def test_datamodule_vocab_and_validation_policies():
     root = str(FIXTURES / "vqa_rad")
     records = read_vqa_records("vqa_rad", root)
-    train_answers = {r["answer"] for r in records if r["split"] == "train"}
+    train_answers = {r.answer for r in records if r.split == "train"}
     clean = VQADataModule("vqa_rad", root, image_size=16, num_workers=0)
     assert set(clean.answers) == train_answers and clean.num_answers == len(train_answers)
     assert clean.task == "vqa" and clean.num_outputs == clean.num_answers and clean.labels == clean.answers
-    test_oov = sum(r["answer"] not in train_answers for r in records if r["split"] == "test")
+    test_oov = sum(r.answer not in train_answers for r in records if r.split == "test")
     assert clean.out_of_vocabulary["test"] == test_oov
     assert not clean.leaky and clean.leak_notes == []
     leaky = VQADataModule("vqa_rad", root, vocab="all_splits", validation="val_is_test", num_workers=0)
-    assert set(leaky.answers) == {r["answer"] for r in records}
+    assert set(leaky.answers) == {r.answer for r in records}
     assert leaky.out_of_vocabulary["test"] == 0
     assert leaky.leaky and leaky.leak_notes == [
         "vocabulary built from all splits including test",
@@ -274,7 +277,7 @@ def test_datamodule_task_and_calib_batches():
     calib.setup("fit")
     batch = next(iter(calib.val_dataloader()))
     assert {"mlm_input_ids", "mlm_labels", "texts"} <= set(batch)
-    questions = {r["question"] for r in calib.records["val"]}
+    questions = {r.question for r in calib.records["val"]}
     assert set(batch["texts"]) <= questions
 
 
@@ -284,15 +287,15 @@ def test_real_vqa_rad_counts(shared_data):
     if not (root / "VQA_RAD Dataset Public.json").is_file():
         pytest.skip("../shared/data/vqa_rad is absent")
     records = vqa_rad_records(root)
-    train = [r for r in records if r["split"] == "train"]
-    test = [r for r in records if r["split"] == "test"]
+    train = [r for r in records if r.split == "train"]
+    test = [r for r in records if r.split == "test"]
     assert len(train) == 1797 and len(test) == 451
-    assert Counter(r["answer_type"] for r in test) == {"closed": 272, "open": 179}
-    vocab = AnswerVocab.from_answers(r["answer"] for r in train)
-    outside = sum(vocab.index(r["answer"]) is None for r in test)
+    assert Counter(r.answer_type for r in test) == {"closed": 272, "open": 179}
+    vocab = AnswerVocab.from_answers(r.answer for r in train)
+    outside = sum(vocab.index(r.answer) is None for r in test)
     print(f"VQA-RAD train vocabulary: {len(vocab)} answers; test answers outside it: {outside} of {len(test)}")
     assert vocab.answers[:2] == ["no", "yes"]
     assert 0 < outside < len(test)
     module = VQADataModule("vqa_rad", str(root), num_workers=0)
     assert module.num_answers == len(vocab) and module.out_of_vocabulary["test"] == outside
-    assert not {r["image_id"] for r in module.records["train"]} & {r["image_id"] for r in module.records["val"]}
+    assert not {r.image_id for r in module.records["train"]} & {r.image_id for r in module.records["val"]}

@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umd_lightning.data.common import OnError, ScanMode, safe_join
+from umd_lightning.data.common import OnError, safe_join
 from umd_lightning.data.datamodule import PretrainDataModule
-from umd_lightning.data.datasets import ImageRecord, PairDataset, Transform
+from umd_lightning.data.datasets import PairDataset, Transform
 from umd_lightning.data.files import canonical_split, clean_text, decode_line, read_lines
 from umd_lightning.data.pretrain import DATASET_CLASSES, SourceSpec, build_pretrain_dataset, register_source
+from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode
 from umd_lightning.data.synthetic import caption, random_scene, render
 from umd_lightning.errors import DataError
 
@@ -36,11 +38,11 @@ class TsvPairs(PairDataset):
         file = Path(root) / "pairs.tsv"
         lines = [(n, raw) for n, raw in read_lines(file) if decode_line(raw, file=file, line=n).split("\t")[1] == split]
 
-        def make_record(item: tuple[int, bytes]) -> ImageRecord:
+        def make_record(item: tuple[int, bytes]) -> Record:
             number, raw = item
             image, _, text = decode_line(raw, file=file, line=number).split("\t")
             path = safe_join(Path(root) / "images", image, file=file, record=f"line {number}")
-            return ImageRecord(path=path, id=image, file=str(file), texts=(clean_text(text, file=file, record=image),))
+            return Record(id=image, image=path, file=str(file), texts=(clean_text(text, file=file, record=image),))
 
         self._load(lines, make_record)
 

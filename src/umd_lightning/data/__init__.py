@@ -1,8 +1,8 @@
 """Data: one dataset per publisher layout, transforms, collates (tokenisation and masking) and thin DataModules."""
 
-from umd_lightning.data.common import ScanReport
 from umd_lightning.data.datamodule import PretrainDataModule, SourceSpec
 from umd_lightning.data.datamodules import ClassificationDataModule, RetrievalDataModule, VQADataModule
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.errors import DataError
 
 __all__ = [

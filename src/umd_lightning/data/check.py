@@ -31,10 +31,11 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 
-from umd_lightning.data.common import SPLITS, ScanReport
+from umd_lightning.data.common import SPLITS
 from umd_lightning.data.datamodule import PretrainDataModule
 from umd_lightning.data.datamodules import DownstreamDataModule, VQADataModule
 from umd_lightning.data.pretrain import build_pretrain_dataset
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.errors import ConfigError, DataError
 
 FILTER_KINDS = frozenset({"short_caption", "excluded", "other_view", "no_findings_impression", "no_split"})

@@ -1,9 +1,9 @@
 """Image-text classification: the class names, the dataset and the collate over the records of the MELINDA, MedPix
 and MedMNIST readers (``data/sources/``; DATA.md, "Downstream classification").
 
-Each ``*_records`` function returns plain dict records ``{"id": str, "image": Path | numpy array, "text": str,
-"label_name": str, "split": "train" | "val" | "test"}``; class ids come from the sorted label names of the
-training split (:func:`class_names_from`).
+Each ``*_records`` function returns ``records.Record``s with ``id``, ``image`` (a path, or MedMNIST's array), the
+caption (``text``), ``label_name`` and ``split``; class ids come from the sorted label names of the training split
+(:func:`class_names_from`).
 """
 
 from __future__ import annotations
@@ -17,16 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from umd_lightning.data.common import (
-    OnError,
-    RuntimeSkips,
-    ScanMode,
-    ScanReport,
-    load_scanned_image,
-    scan_images,
-    to_rgb,
-)
+from umd_lightning.data.common import OnError, RuntimeSkips, load_scanned_image, to_rgb
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode, ScanReport, scan_images
 
 ClassificationDatasetName = Literal["melinda", "medpix", "medmnist"]
 DEFAULT_LABEL_COLUMN = {"melinda": "p_meth_label", "medpix": "Location Category", "medmnist": None}
@@ -41,7 +34,7 @@ def class_names_from(records: Sequence[Record]) -> list[str]:
     Raises:
         ValueError: there are no training records.
     """
-    names = {record["label_name"] for record in records if record["split"] == "train"}
+    names = {record.label_name for record in records if record.split == "train"}
     if not names:
         raise ValueError("no training records to take the class names from")
     if all(name.lstrip("-").isdigit() for name in names):
@@ -81,16 +74,16 @@ class ClassificationDataset(Dataset):
     ) -> None:
         self.class_names = list(class_names)
         index = {label: i for i, label in enumerate(self.class_names)}
-        unseen = sorted({r["label_name"] for r in records if r["label_name"] not in index})
+        unseen = sorted({r.label_name for r in records if r.label_name not in index})
         if unseen:
-            splits = sorted({r["split"] for r in records if r["label_name"] in unseen})
+            splits = sorted({r.split for r in records if r.label_name in unseen})
             raise ValueError(
                 f"{name}: label(s) {unseen} in split(s) {splits} were not seen in training; "
                 f"known classes are {self.class_names}"
             )
         self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
         self.reports: list[ScanReport] = [report]
-        self.labels = [index[record["label_name"]] for record in self.records]
+        self.labels = [index[record.label_name] for record in self.records]
         self.transform = transform
         self.on_error: OnError = on_error
         self.skips = RuntimeSkips()
@@ -101,18 +94,18 @@ class ClassificationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        image = record["image"]
+        image = record.image
         if isinstance(image, np.ndarray):
             picture = to_rgb(Image.fromarray(image))
         else:
-            picture = load_scanned_image(image, on_error=self.on_error, record=record["id"], skips=self.skips)
+            picture = load_scanned_image(image, on_error=self.on_error, record=record.id, skips=self.skips)
             if picture is None:
                 return None
         return {
             "image": self.transform(picture),
-            "text": record["text"],
+            "text": record.text,
             "label": self.labels[index],
-            "id": record["id"],
+            "id": record.id,
         }
 
 

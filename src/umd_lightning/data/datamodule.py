@@ -12,26 +12,16 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from umd_lightning.data.collate import PretrainCollator
-from umd_lightning.data.common import OnError, ScanMode, require_samples
+from umd_lightning.data.common import OnError
 from umd_lightning.data.pretrain import PretrainConcatDataset, SourceSpec, build_pretrain_datasets
-from umd_lightning.data.sampler import make_loader
+from umd_lightning.data.sampler import check_loader_options, make_loader
+from umd_lightning.data.scan import ScanMode, require_samples
 from umd_lightning.data.transforms import image_transform
-from umd_lightning.errors import ConfigError, check_range
+from umd_lightning.errors import ConfigError
 from umd_lightning.models.text import load_tokenizer
 from umd_lightning.seeds import run_seed
 
 log = logging.getLogger(__name__)
-
-
-def check_loader_options(
-    batch_size: int, num_workers: int, max_text_length: int, mask_ratio_text: float, image_size: int
-) -> None:
-    """The DataModule options every loader needs, each checked with one line naming it and its valid range."""
-    check_range("data.init_args.batch_size", batch_size, low=1)
-    check_range("data.init_args.num_workers", num_workers, low=0)
-    check_range("data.init_args.max_text_length", max_text_length, low=3)  # room for the special tokens
-    check_range("data.init_args.mask_ratio_text", mask_ratio_text, low=0.0, high=1.0)
-    check_range("data.init_args.image_size", image_size, low=1)
 
 
 class PretrainDataModule(LightningDataModule):

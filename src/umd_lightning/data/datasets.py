@@ -1,27 +1,20 @@
-"""The pair datasets' base over the one pre-training record type (``ImageRecord``: one checked image and its
-texts): the set-up scan of every record, ``on_error``, samples ``{"image", "text", "id"}`` (see ``pretrain``)."""
+"""The image-text datasets over the one record type (``records.Record``): ``PairDataset``, the pre-training
+sources' base (one checked image and its texts), and ``ImageTextPairs`` (retrieval training and every task's
+TD-Calib pairs). Both run the set-up scan, apply ``on_error`` and give samples ``{"image", "text", "id"}``."""
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from umd_lightning.data.common import (
-    OnError,
-    RuntimeSkips,
-    ScanMode,
-    ScanReport,
-    check_image_header,
-    load_image,
-    load_scanned_image,
-    scan,
-)
+from umd_lightning.data.common import OnError, RuntimeSkips, load_scanned_image
+from umd_lightning.data.records import Record
+from umd_lightning.data.scan import Filtered, ScanMode, ScanReport, check_image, scan, scan_images
 
 log = logging.getLogger(__name__)
 
@@ -36,52 +29,12 @@ MIN_WORDS = 3
 """ROCO captions and MedICaT in-text references with fewer words are left out (DATA.md)."""
 
 
-class _Filtered(Exception):
-    """Raised by a record check for a record left out on purpose (not a data error), counted as ``kind``."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One checked image and its texts.
-
-    Attributes:
-        path: the image file, inside the data root.
-        id: the record's id (ROCO name, figure name, ``dicom_id``, MedPix image name, ...).
-        file: the annotation file it came from (named in errors).
-        texts: one or more non-empty texts paired with the image.
-    """
-
-    path: Path
-    id: str
-    file: str
-    texts: tuple[str, ...]
-
-
-def check_image(path: Path, mode: ScanMode, *, file: str | Path, record: str | int | None) -> Any:
-    """Check one image as deeply as the scan ``mode`` asks (see ``common.ScanMode``); the decoded image for
-    ``full``, else ``None``.
-
-    Raises:
-        DataError: the image is missing or does not open / decode.
-    """
-    if mode == "full":
-        return load_image(path, file=file, record=record)
-    if mode == "header":
-        check_image_header(path, file=file, record=record)
-    elif mode != "none":
-        raise ValueError(f"scan must be 'full', 'header' or 'none', got {mode!r}")
-    return None
-
-
 class PairDataset(Dataset):
     """Base of the pair datasets: holds the checked images, the (image, text) pairs and the scan report.
 
     Subclasses read their layout and call ``_load`` once with the raw records and a function that turns one
-    raw record into an ``ImageRecord`` (``DataError`` for a defect, ``_Filtered`` for a record left out).
+    raw record into a ``Record`` (``id``, ``image``, ``file``, ``texts``), returns a ``Filtered`` for a record left
+    out on purpose or raises ``DataError`` for a defect.
     """
 
     def __init__(self, *, name: str, transform: Transform | None, on_error: OnError, scan_mode: ScanMode) -> None:
@@ -93,35 +46,28 @@ class PairDataset(Dataset):
         self.transform = transform
         self.on_error: OnError = on_error
         self.scan_mode: ScanMode = scan_mode
-        self.images: list[ImageRecord] = []
+        self.images: list[Record] = []
         self.pairs: list[tuple[int, int]] = []
         self.report = ScanReport(name=name)
         self.skips = RuntimeSkips()
         """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
 
-    def _load(self, items: Sequence[Any], make_record: Callable[[Any], ImageRecord]) -> None:
-        filtered: Counter = Counter()
-
-        def check(item: Any) -> ImageRecord | None:
-            try:
-                record = make_record(item)
-            except _Filtered as left_out:
-                filtered[left_out.kind] += 1
-                return None
+    def _load(self, items: Sequence[Any], make_record: Callable[[Any], Record | Filtered]) -> None:
+        def check(item: Any) -> Record | Filtered:
+            record = make_record(item)
+            if isinstance(record, Filtered):
+                return record
             noted.note_image(
-                check_image(record.path, self.scan_mode, file=record.file, record=record.id), record.path, record.id
+                check_image(record.image, self.scan_mode, file=record.file, record=record.id), record.image, record.id
             )
             return record
 
         noted = ScanReport(name=self.name)
-        kept, report = scan(items, check, name=self.name, on_error=self.on_error)
-        self.images = [record for record in kept if record is not None]
-        report.kept = len(self.images)
-        report.problems.update(filtered)
+        self.images, report = scan(items, check, name=self.name, on_error=self.on_error)
         report.notes, report.note_examples = noted.notes, noted.note_examples
         if noted.notes:
             log.warning(report.summary())
-        if filtered:
+        if report.filtered:
             log.info("after filters: %s", report.summary())
         self.report = report
         self.pairs = [(i, j) for i, record in enumerate(self.images) for j in range(len(record.texts))]
@@ -140,10 +86,52 @@ class PairDataset(Dataset):
         image_index, text_index = self.pairs[index]
         record = self.images[image_index]
         image = load_scanned_image(
-            record.path, on_error=self.on_error, file=record.file, record=record.id, skips=self.skips
+            record.image, on_error=self.on_error, file=record.file, record=record.id, skips=self.skips
         )
         if image is None:
             return None
         if self.transform is not None:
             image = self.transform(image)
         return {"image": image, "text": record.texts[text_index], "id": record.id}
+
+
+class ImageTextPairs(Dataset):
+    """(image, text) samples ``{"image": (3, H, W) tensor, "text": str, "id": str}``: retrieval training and
+    every task's TD-Calib pairs. Image files are scanned at construction (each distinct file once).
+
+    Args:
+        records: records with ``image`` (path), ``id`` and one text.
+        transform: PIL RGB image -> ``(3, H, W)`` tensor.
+        name: name in the scan report.
+        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it; an image that stops
+            decoding after the scan raises ``DataError`` from ``__getitem__`` (``raise``) or gives a ``None``
+            sample that the collate drops (``skip``).
+        scan: how much of each image the set-up scan reads.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        name: str = "pairs",
+        on_error: OnError = "raise",
+        scan: ScanMode = "full",
+        progress: bool = True,
+    ) -> None:
+        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
+        self.reports: list[ScanReport] = [report]
+        self.transform = transform
+        self.on_error: OnError = on_error
+        self.skips = RuntimeSkips()
+        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.records[index]
+        image = load_scanned_image(record.image, on_error=self.on_error, record=record.id, skips=self.skips)
+        if image is None:
+            return None
+        return {"image": self.transform(image), "text": record.text, "id": record.id}

@@ -3,7 +3,7 @@ over ``data/datasets.PairDataset``) and building a split from several sources.
 
 DATA.md "Pre-training and retrieval" describes each layout. Every dataset:
 
-- reads the annotations and checks every record at construction (``common.scan``): the text must be non-empty,
+- reads the annotations and checks every record at construction (``scan.scan``): the text must be non-empty,
   the image path must stay inside the root, and the image is decoded (``scan="full"``), opened (``"header"``)
   or not touched (``"none"``); the outcome is kept as ``dataset.report`` (a ``ScanReport``);
 - counts records left out on purpose (a ROCO caption under 3 words, a lateral MIMIC view, ...) in the report
@@ -27,12 +27,9 @@ from typing import Any, Literal
 
 from torch.utils.data import ConcatDataset
 
-from umd_lightning.data.common import (
-    OnError,
-    ScanMode,
-    ScanReport,
-)
+from umd_lightning.data.common import OnError
 from umd_lightning.data.datasets import PairDataset, Transform
+from umd_lightning.data.scan import ScanMode, ScanReport
 from umd_lightning.data.sources.jsonl import JsonlDataset
 from umd_lightning.data.sources.medicat import MedicatDataset
 from umd_lightning.data.sources.medpix import MedPixDataset

@@ -1,23 +1,55 @@
-"""The downstream record type (a plain dict per question, image-text pair or labelled image: see each reader) and the
-field rules the VQA readers share: required fields, normalised answers, answer types, unique qids."""
+"""The one record type every source yields for every task it serves (``Record``: an image and its texts, question,
+answer or label) and the field rules the VQA readers
+share: required fields, normalised answers, answer types, unique qids. A record left out on purpose is a
+``scan.Filtered``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from umd_lightning.data.answers import normalize_answer
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanReport,
-    check_text,
-    safe_join,
-    scan,
-)
+from umd_lightning.data.common import DataError, OnError, check_text, safe_join
+from umd_lightning.data.scan import ScanReport, scan
 
-Record = dict[str, Any]
+
+@dataclass(frozen=True)
+class Record:
+    """One image and what a task reads with it; each source fills the fields of the tasks it serves.
+
+    Attributes:
+        id: the record's id, named in errors and predictions (ROCO name, figure name, ``dicom_id``, MedPix image
+            name, a VQA question's ``qid``, ``<split>/<index>`` for MedMNIST).
+        image: the image file inside the data root, or the image itself (MedMNIST's arrays).
+        file: the annotation file it came from (pre-training sources; named in runtime errors).
+        split: ``train`` / ``val`` / ``test`` for downstream readers, which read every split at once; ``None``
+            for pre-training sources, which read one split per data set.
+        texts: the texts paired with the image: one or more for pre-training, the caption for retrieval and
+            classification (``text``); empty for VQA.
+        question, answer, answer_type, image_id: VQA (the answer normalised, ``answer_type`` ``open`` or
+            ``closed``, ``image_id`` the image's name, which the validation hold-out groups by).
+        label_name: classification (the class's name; the DataModule maps it to an index).
+        case: MedPix's case id (``U_id``).
+    """
+
+    id: str
+    image: Any
+    file: str = ""
+    split: str | None = None
+    texts: tuple[str, ...] = ()
+    question: str | None = None
+    answer: str | None = None
+    answer_type: str | None = None
+    image_id: str | None = None
+    label_name: str | None = None
+    case: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The record's one text (retrieval and classification captions, TD-Calib pairs)."""
+        return self.texts[0]
 
 
 def _field(entry: Any, key: str, file: Path, record: Any) -> Any:
@@ -61,15 +93,15 @@ def _record(
     split: str,
 ) -> Record:
     qid = str(qid)
-    return {
-        "qid": qid,
-        "image": safe_join(image_root, image, file=file, record=qid),
-        "image_id": str(image_id),
-        "question": check_text(question, file=file, record=qid, what="question"),
-        "answer": _answer(answer, file, qid),
-        "answer_type": answer_type,
-        "split": split,
-    }
+    return Record(
+        id=qid,
+        image=safe_join(image_root, image, file=file, record=qid),
+        image_id=str(image_id),
+        question=check_text(question, file=file, record=qid, what="question"),
+        answer=_answer(answer, file, qid),
+        answer_type=answer_type,
+        split=split,
+    )
 
 
 def _parse(
@@ -88,14 +120,14 @@ def _parse(
 
     def parse_unique(item: Any) -> Record:
         record = parse(item)
-        if record["qid"] in seen:
+        if record.id in seen:
             raise DataError(
                 "duplicate_qid",
                 file,
-                record["qid"],
+                record.id,
                 "qid already used by an earlier question of this file (predictions are keyed by qid); make qids unique",
             )
-        seen.add(record["qid"])
+        seen.add(record.id)
         return record
 
     records, report = scan(items, parse_unique, name=name, on_error=on_error, progress=False, skip_kinds=skip_kinds)

@@ -1,7 +1,7 @@
 """Image-text retrieval over the ROCO and MedPix 2.0 readers (``data/sources/``), training collate, evaluation
 splits (UMD_SPEC 4.1).
 
-Records are plain dicts ``{"id": str, "image": Path, "text": str, "split": "train" | "val" | "test"}``.
+Records are ``records.Record``s with ``id``, ``image`` (a path), the caption (``text``) and ``split``.
 Training scores each image against its own caption and ``num_candidates - 1`` other captions; evaluation
 scores every image against every caption of a split (at most ``max_pairs`` pairs, picked by a seeded shuffle).
 """
@@ -19,16 +19,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from umd_lightning.data.common import (
-    OnError,
-    RuntimeSkips,
-    ScanMode,
-    ScanReport,
-    load_image,
-    load_scanned_image,
-    scan_images,
-)
+from umd_lightning.data.common import OnError, load_image
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode, ScanReport, scan_images
 from umd_lightning.data.sources.medpix import medpix_pairs
 from umd_lightning.data.sources.roco import roco_records
 from umd_lightning.errors import ConfigError
@@ -67,48 +60,6 @@ def select_eval_pairs(records: Sequence[Record], max_pairs: int | None, seed: in
     return [records[i] for i in sorted(order[:max_pairs])]
 
 
-class ImageTextPairs(Dataset):
-    """(image, text) samples ``{"image": (3, H, W) tensor, "text": str, "id": str}``: retrieval training and
-    every task's TD-Calib pairs. Image files are scanned at construction (each distinct file once).
-
-    Args:
-        records: dicts with ``image`` (path), ``text`` and ``id``.
-        transform: PIL RGB image -> ``(3, H, W)`` tensor.
-        name: name in the scan report.
-        on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it; an image that stops
-            decoding after the scan raises ``DataError`` from ``__getitem__`` (``raise``) or gives a ``None``
-            sample that the collate drops (``skip``).
-        scan: how much of each image the set-up scan reads.
-    """
-
-    def __init__(
-        self,
-        records: Sequence[Record],
-        transform: Callable[[Image.Image], torch.Tensor],
-        *,
-        name: str = "pairs",
-        on_error: OnError = "raise",
-        scan: ScanMode = "full",
-        progress: bool = True,
-    ) -> None:
-        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
-        self.reports: list[ScanReport] = [report]
-        self.transform = transform
-        self.on_error: OnError = on_error
-        self.skips = RuntimeSkips()
-        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
-        record = self.records[index]
-        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["id"], skips=self.skips)
-        if image is None:
-            return None
-        return {"image": self.transform(image), "text": record["text"], "id": record["id"]}
-
-
 class RetrievalImages(Dataset):
     """The images of an evaluation split: samples ``{"image": (3, H, W) tensor, "image_index": int}``, where
     ``image_index`` is the row of the image (and of its caption) in the split's score matrix.
@@ -135,7 +86,7 @@ class RetrievalImages(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         return {
-            "image": self.transform(load_image(record["image"], record=record["id"])),
+            "image": self.transform(load_image(record.image, record=record.id)),
             "image_index": index,
         }
 
@@ -187,8 +138,8 @@ def make_eval_split(
     more pairs than are evaluated); with ``on_error="skip"`` bad pairs are dropped after the pick."""
     picked = select_eval_pairs(records, max_pairs, seed)
     chosen, report = scan_images(picked, name=name, mode=scan, on_error=on_error, progress=progress)
-    captions = [record["text"] for record in chosen]
-    ids = [record["id"] for record in chosen]
+    captions = [record.text for record in chosen]
+    ids = [record.id for record in chosen]
     return RetrievalEvalSplit(RetrievalImages(chosen, transform, [report]), captions, list(captions), ids)
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from umd_lightning.errors import check_range
 from umd_lightning.seeds import mix_seed
 
 
@@ -221,3 +222,14 @@ def make_loader(dataset: Dataset, *, train: bool, seed: int, **kwargs: Any) -> D
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         kwargs["sampler"] = EvaluationSampler(dataset)  # type: ignore[arg-type]
     return DataLoader(dataset, shuffle=False, **kwargs)
+
+
+def check_loader_options(
+    batch_size: int, num_workers: int, max_text_length: int, mask_ratio_text: float, image_size: int
+) -> None:
+    """The DataModule options every loader needs, each checked with one line naming it and its valid range."""
+    check_range("data.init_args.batch_size", batch_size, low=1)
+    check_range("data.init_args.num_workers", num_workers, low=0)
+    check_range("data.init_args.max_text_length", max_text_length, low=3)  # room for the special tokens
+    check_range("data.init_args.mask_ratio_text", mask_ratio_text, low=0.0, high=1.0)
+    check_range("data.init_args.image_size", image_size, low=1)

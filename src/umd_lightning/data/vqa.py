@@ -1,11 +1,9 @@
 """Medical VQA: :func:`read_vqa_records` over the publishers' readers (``data/sources/vqa_rad.py``, ``slake.py``,
 ``vqa_med_2019.py``; DATA.md, "Downstream VQA"), the held-out split, the dataset and the collate.
 
-Each ``*_records`` function reads one layout's annotation files (no image is opened) and returns plain dict
-records::
-
-    {"qid": str, "image": Path, "image_id": str, "question": str, "answer": str (normalised),
-     "answer_type": "open" | "closed", "split": "train" | "val" | "test"}
+Each ``*_records`` function reads one layout's annotation files (no image is opened) and returns
+``records.Record``s with ``id`` (the question's qid), ``image`` (a path), ``image_id``, ``question``, ``answer``
+(normalised), ``answer_type`` (``open`` or ``closed``) and ``split``.
 
 A bad annotation record (empty question, unsafe image path, ...) raises ``DataError`` or, with
 ``on_error="skip"``, is dropped and counted in a ``ScanReport`` appended to ``reports`` when one is given.
@@ -23,15 +21,9 @@ import torch
 from torch.utils.data import Dataset
 
 from umd_lightning.data.answers import AnswerVocab
-from umd_lightning.data.common import (
-    OnError,
-    RuntimeSkips,
-    ScanMode,
-    ScanReport,
-    load_scanned_image,
-    scan_images,
-)
+from umd_lightning.data.common import OnError, RuntimeSkips, load_scanned_image
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode, ScanReport, scan_images
 from umd_lightning.data.sources.slake import slake_records
 from umd_lightning.data.sources.vqa_med_2019 import vqa_med_2019_m3ae_records, vqa_med_2019_records
 from umd_lightning.data.sources.vqa_rad import vqa_rad_preprocessed_records, vqa_rad_records
@@ -83,14 +75,14 @@ def holdout_by_image(records: Sequence[Record], fraction: float, seed: int) -> t
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
-    images = sorted({record["image_id"] for record in records})
+    images = sorted({record.image_id for record in records})
     if len(images) < 2:
         raise ValueError(f"cannot hold out images for validation from {len(images)} distinct image(s)")
     random.Random(seed).shuffle(images)
     count = min(len(images) - 1, max(1, round(fraction * len(images))))
     held = set(images[:count])
-    train = [record for record in records if record["image_id"] not in held]
-    val = [record for record in records if record["image_id"] in held]
+    train = [record for record in records if record.image_id not in held]
+    val = [record for record in records if record.image_id in held]
     return train, val
 
 
@@ -122,9 +114,7 @@ class VQADataset(Dataset):
         scan: ScanMode = "full",
         progress: bool = True,
     ) -> None:
-        self.records, report = scan_images(
-            records, name=name, mode=scan, on_error=on_error, id_key="qid", progress=progress
-        )
+        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
         self.reports: list[ScanReport] = [report]
         self.transform = transform
         self.answer_vocab = answer_vocab
@@ -138,22 +128,22 @@ class VQADataset(Dataset):
     @property
     def num_out_of_vocabulary(self) -> int:
         """Questions whose answer is not in the vocabulary (always scored wrong)."""
-        return sum(self.answer_vocab.index(record["answer"]) is None for record in self.records)
+        return sum(self.answer_vocab.index(record.answer) is None for record in self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        image = load_scanned_image(record["image"], on_error=self.on_error, record=record["qid"], skips=self.skips)
+        image = load_scanned_image(record.image, on_error=self.on_error, record=record.id, skips=self.skips)
         if image is None:
             return None
-        answer_index = self.answer_vocab.index(record["answer"])
+        answer_index = self.answer_vocab.index(record.answer)
         return {
             "image": self.transform(image),
-            "question": record["question"],
-            "answer": record["answer"],
+            "question": record.question,
+            "answer": record.answer,
             "answer_index": -1 if answer_index is None else answer_index,
-            "is_closed": record["answer_type"] == "closed",
-            "qid": record["qid"],
-            "image_id": record["image_id"],
+            "is_closed": record.answer_type == "closed",
+            "qid": record.id,
+            "image_id": record.image_id,
         }
 
 

@@ -14,9 +14,10 @@ from umd_lightning.data.classification import (
     ClassificationDataset,
     class_names_from,
 )
-from umd_lightning.data.common import SPLITS, ScanReport, Split
+from umd_lightning.data.common import SPLITS, Split
 from umd_lightning.data.datamodules.downstream import DownstreamDataModule
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.data.sources.medmnist import medmnist_records
 from umd_lightning.data.sources.medpix import medpix_records
 from umd_lightning.data.sources.melinda import melinda_records
@@ -71,18 +72,18 @@ class ClassificationDataModule(DownstreamDataModule):
         else:
             raise ValueError(f"unknown classification data set {dataset!r}: choose melinda, medpix or medmnist")
         self.scan_reports += reports
-        self.records = {split: [r for r in records if r["split"] == split] for split in SPLITS}
+        self.records = {split: [r for r in records if r.split == split] for split in SPLITS}
         self.class_names = class_names_from(records)
         known = set(self.class_names)
         for split in ("val", "test"):
-            unseen = sorted({r["label_name"] for r in self.records[split]} - known)
+            unseen = sorted({r.label_name for r in self.records[split]} - known)
             if unseen:
                 raise ValueError(
                     f"{dataset} {split} split: label(s) {unseen} of column {self.label_column!r} were not "
                     f"seen in training; training classes are {self.class_names}"
                 )
         for split, recs in self.records.items():
-            counts = Counter(r["label_name"] for r in recs)
+            counts = Counter(r.label_name for r in recs)
             rank_zero_info(f"{dataset}/{split}: {len(recs)} samples, classes {dict(sorted(counts.items()))}")
 
     @property
@@ -99,7 +100,7 @@ class ClassificationDataModule(DownstreamDataModule):
         return list(self.class_names)
 
     def _pair(self, record: Record) -> Record:
-        return {"image": record["image"], "text": record["text"], "id": record["id"]}
+        return record
 
     def _build(self, split: Split) -> Dataset:
         if self.mode == "calib" and self.dataset == "medmnist":

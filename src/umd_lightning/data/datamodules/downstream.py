@@ -20,13 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from umd_lightning.data.collate import PretrainCollator
-from umd_lightning.data.common import SPLITS, OnError, ScanMode, ScanReport, Split, require_samples
-from umd_lightning.data.datamodule import check_loader_options
+from umd_lightning.data.common import SPLITS, OnError, Split
+from umd_lightning.data.datasets import ImageTextPairs
 from umd_lightning.data.records import Record
-from umd_lightning.data.retrieval import (
-    ImageTextPairs,
-)
-from umd_lightning.data.sampler import make_loader
+from umd_lightning.data.sampler import check_loader_options, make_loader
+from umd_lightning.data.scan import ScanMode, ScanReport, require_samples
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.errors import ConfigError
 from umd_lightning.models.text import load_tokenizer
@@ -132,7 +130,7 @@ class DownstreamDataModule(LightningDataModule):
         self.leak_notes.append(note)
 
     def _pair(self, record: Record) -> Record:
-        """The (image, text) pair of a record for ``calib`` mode: ``{"image", "text", "id"}``."""
+        """The (image, text) pair of a record for ``calib`` mode: a ``Record`` with ``image``, ``id`` and one text."""
         raise NotImplementedError
 
     def _task_dataset(self, split: Split, train: bool) -> Dataset:

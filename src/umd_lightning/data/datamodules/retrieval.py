@@ -9,17 +9,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from umd_lightning.data.common import SPLITS, ScanReport, Split
+from umd_lightning.data.common import SPLITS, Split
 from umd_lightning.data.datamodules.downstream import DownstreamDataModule
+from umd_lightning.data.datasets import ImageTextPairs
 from umd_lightning.data.records import Record
 from umd_lightning.data.retrieval import (
-    ImageTextPairs,
     RetrievalEvalSplit,
     RetrievalTrainCollator,
     collate_images,
     make_eval_split,
     read_retrieval_records,
 )
+from umd_lightning.data.scan import ScanReport
 from umd_lightning.errors import ConfigError
 from umd_lightning.seeds import run_seed
 
@@ -62,8 +63,8 @@ class RetrievalDataModule(DownstreamDataModule):
         reports: list[ScanReport] = []
         records = read_retrieval_records(dataset, root, on_error=self.on_error, reports=reports)
         self.scan_reports += reports
-        self.records = {split: [r for r in records if r["split"] == split] for split in SPLITS}
-        distinct = len({r["text"] for r in self.records["train"]})
+        self.records = {split: [r for r in records if r.split == split] for split in SPLITS}
+        distinct = len({r.text for r in self.records["train"]})
         if self.mode == "task" and (num_candidates < 2 or distinct < num_candidates):
             raise ConfigError(
                 f"data.init_args.num_candidates={num_candidates} needs at least 2 and at most the {distinct} distinct "
@@ -71,7 +72,7 @@ class RetrievalDataModule(DownstreamDataModule):
             )
         self.eval_splits: dict[Split, RetrievalEvalSplit] = {}
         for split, recs in self.records.items():
-            rank_zero_info(f"{dataset}/{split}: {len(recs)} pairs, {len({r['text'] for r in recs})} distinct captions")
+            rank_zero_info(f"{dataset}/{split}: {len(recs)} pairs, {len({r.text for r in recs})} distinct captions")
 
     def _pair(self, record: Record) -> Record:
         return record
@@ -101,7 +102,7 @@ class RetrievalDataModule(DownstreamDataModule):
         if split == "train":
             return RetrievalTrainCollator(
                 self.text_tokenizer,
-                [r["text"] for r in self.records["train"]],
+                [r.text for r in self.records["train"]],
                 max_length=self.max_text_length,
                 num_candidates=self.num_candidates,
                 seed=run_seed(self.seed),

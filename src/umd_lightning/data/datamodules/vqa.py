@@ -8,9 +8,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
 from umd_lightning.data.answers import AnswerVocab
-from umd_lightning.data.common import SPLITS, ScanReport, Split, require_samples
+from umd_lightning.data.common import SPLITS, Split
 from umd_lightning.data.datamodules.downstream import DownstreamDataModule
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanReport, require_samples
 from umd_lightning.data.vqa import VQACollator, VQADataset, holdout_by_image, read_vqa_records
 from umd_lightning.errors import check_range
 
@@ -82,29 +83,28 @@ class VQADataModule(DownstreamDataModule):
             skip_empty_answers=skip_empty_answers,
         )
         self.scan_reports += reports
-        by_split = {split: [r for r in records if r["split"] == split] for split in SPLITS}
+        by_split = {split: [r for r in records if r.split == split] for split in SPLITS}
         for split in ("train", "test"):
             require_samples(len(by_split[split]), reports, where=root, split=split)
         self.answer_vocab = self._vocabulary(vocab, by_split)
         self.records = self._splits(validation, by_split)
         self.out_of_vocabulary = {
-            split: sum(self.answer_vocab.index(r["answer"]) is None for r in recs)
-            for split, recs in self.records.items()
+            split: sum(self.answer_vocab.index(r.answer) is None for r in recs) for split, recs in self.records.items()
         }
         for split, recs in self.records.items():
-            closed = sum(r["answer_type"] == "closed" for r in recs)
+            closed = sum(r.answer_type == "closed" for r in recs)
             rank_zero_info(
                 f"{dataset}/{split}: {len(recs)} questions ({closed} closed) on "
-                f"{len({r['image_id'] for r in recs})} images, {self.out_of_vocabulary[split]} answers "
+                f"{len({r.image_id for r in recs})} images, {self.out_of_vocabulary[split]} answers "
                 f"outside the {vocab} vocabulary of {len(self.answer_vocab)}"
             )
 
     def _vocabulary(self, vocab: str, by_split: dict[Split, list[Record]]) -> AnswerVocab:
         if vocab == "train":
-            return AnswerVocab.from_answers(r["answer"] for r in by_split["train"])
+            return AnswerVocab.from_answers(r.answer for r in by_split["train"])
         if vocab == "all_splits":
             self._leak("vocabulary built from all splits including test")
-            return AnswerVocab.from_answers(r["answer"] for split in SPLITS for r in by_split[split])
+            return AnswerVocab.from_answers(r.answer for split in SPLITS for r in by_split[split])
         raise ValueError(f"vocab must be 'train' or 'all_splits', got {vocab!r}")
 
     def _splits(self, validation: str, by_split: dict[Split, list[Record]]) -> dict[Split, list[Record]]:
@@ -142,7 +142,7 @@ class VQADataModule(DownstreamDataModule):
         return len(self.answer_vocab)
 
     def _pair(self, record: Record) -> Record:
-        return {"image": record["image"], "text": record["question"], "id": record["qid"]}
+        return Record(id=record.id, image=record.image, texts=(record.question,))
 
     def _task_dataset(self, split: Split, train: bool) -> Dataset:
         return VQADataset(

@@ -5,18 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    safe_join,
-)
-from umd_lightning.data.datasets import ImageRecord, PairDataset, Transform, _Filtered
+from umd_lightning.data.common import DataError, OnError, safe_join
+from umd_lightning.data.datasets import PairDataset, Transform
 from umd_lightning.data.files import (
     _parse_all,
     _require_file,
     clean_text,
 )
+from umd_lightning.data.records import Record
+from umd_lightning.data.scan import Filtered, ScanMode
 
 _VAL_ALIASES = ("val", "validation", "validate", "dev")
 
@@ -81,13 +78,13 @@ class JsonlDataset(PairDataset):
                 or _same_split(record["split"], split)
             ]
 
-        def make_record(item: tuple[int, dict[str, Any] | DataError]) -> ImageRecord:
+        def make_record(item: tuple[int, dict[str, Any] | DataError]) -> Record | Filtered:
             line, record = item
             if isinstance(record, DataError):
                 raise record
             if split is not None:
                 if "split" not in record:
-                    raise _Filtered("no_split")
+                    return Filtered("no_split")
                 if not isinstance(record["split"], str):
                     raise DataError("bad_record", annotations, f"line {line}", "field 'split' must be a string")
                 if record["split"].strip().lower() not in JSONL_SPLITS:
@@ -107,6 +104,6 @@ class JsonlDataset(PairDataset):
             else:
                 cleaned = (clean_text(texts, file=annotations, record=name),)
             path = safe_join(root, image, file=annotations, record=name)
-            return ImageRecord(path=path, id=name, file=str(annotations), texts=cleaned)
+            return Record(id=name, image=path, file=str(annotations), texts=cleaned)
 
         self._load(items, make_record)

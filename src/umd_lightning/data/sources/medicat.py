@@ -8,13 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    safe_join,
-)
-from umd_lightning.data.datasets import MIN_WORDS, ImageRecord, PairDataset, Transform
+from umd_lightning.data.common import DataError, OnError, safe_join
+from umd_lightning.data.datasets import MIN_WORDS, PairDataset, Transform
 from umd_lightning.data.files import (
     _parse_all,
     _require_file,
@@ -23,6 +18,8 @@ from umd_lightning.data.files import (
     collapse_whitespace,
     string_field,
 )
+from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanMode
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +110,7 @@ class MedicatDataset(PairDataset):
             if isinstance(record, DataError) or figure_id(record) is None or figure_id(record) in chosen
         ]
 
-        def make_record(item: tuple[int, dict[str, Any] | DataError]) -> ImageRecord:
+        def make_record(item: tuple[int, dict[str, Any] | DataError]) -> Record:
             line, record = item
             if isinstance(record, DataError):
                 raise record
@@ -131,6 +128,6 @@ class MedicatDataset(PairDataset):
                 if len(reference.split()) >= min_words:
                     texts.append(reference)
             path = safe_join(root, f"release/figures/{name}", file=annotations, record=name)
-            return ImageRecord(path=path, id=name, file=str(annotations), texts=tuple(texts))
+            return Record(id=name, image=path, file=str(annotations), texts=tuple(texts))
 
         self._load(items, make_record)

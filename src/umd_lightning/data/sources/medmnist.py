@@ -79,13 +79,13 @@ def medmnist_records(path: str | Path, *, prompt: str | None = None) -> list[Rec
             if images.ndim == 4 and images.shape[-1] == 1:
                 images = images[..., 0]
             records += [
-                {
-                    "id": f"{split}/{i}",
-                    "image": images[i],
-                    "text": text,
-                    "label_name": str(int(labels[i, 0])),
-                    "split": split,
-                }
+                Record(
+                    id=f"{split}/{i}",
+                    image=images[i],
+                    texts=(text,),
+                    label_name=str(int(labels[i, 0])),
+                    split=split,
+                )
                 for i in range(len(images))
             ]
     return records

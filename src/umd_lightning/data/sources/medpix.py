@@ -4,21 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    ScanReport,
-    add_report,
-    check_label_column,
-    check_text,
-    safe_join,
-    scan,
-)
-from umd_lightning.data.datasets import ImageRecord, PairDataset, Transform, _Filtered
+from umd_lightning.data.common import DataError, OnError, check_label_column, check_text, safe_join
+from umd_lightning.data.datasets import PairDataset, Transform
 from umd_lightning.data.files import (
     _require_file,
     canonical_split,
@@ -29,6 +20,7 @@ from umd_lightning.data.files import (
     string_field,
 )
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import Filtered, ScanMode, ScanReport, add_report, scan
 
 MEDPIX_LABEL_COLUMNS = ("Location Category", "Type")
 
@@ -74,14 +66,14 @@ def medpix_records(
         def parse(item: tuple[int, bytes], file: Path = file, split: str = split) -> Record:
             number, raw = item
             entry, record_id, image, caption = parse_medpix_line(raw, root=root, file=file, line=number)
-            return {
-                "id": record_id,
-                "image": image,
-                "text": caption,
-                "label_name": check_text(entry.get(label_column), file=file, record=record_id, what=label_column),
-                "case": str(entry.get("U_id", "")),
-                "split": split,
-            }
+            return Record(
+                id=record_id,
+                image=image,
+                texts=(caption,),
+                label_name=check_text(entry.get(label_column), file=file, record=record_id, what=label_column),
+                case=str(entry.get("U_id", "")),
+                split=split,
+            )
 
         kept, report = scan(lines, parse, name=f"medpix/{split}", on_error=on_error, progress=False)
         add_report(reports, report)
@@ -111,10 +103,7 @@ def medpix_pairs(
 ) -> list[Record]:
     """MedPix 2.0 (image, caption) pairs from its train / dev / test split files (see
     :func:`~umd_lightning.data.classification.medpix_records`); captions repeat within a case."""
-    return [
-        {"id": r["id"], "image": r["image"], "text": r["text"], "split": r["split"]}
-        for r in medpix_records(root, on_error=on_error, reports=reports)
-    ]
+    return [replace(r, label_name=None, case=None) for r in medpix_records(root, on_error=on_error, reports=reports)]
 
 
 VQA_RAD_OVERLAP: tuple[str, ...] = (
@@ -180,11 +169,11 @@ class MedPixDataset(PairDataset):
         )
         excluded = set(exclude_ids) | (set(VQA_RAD_OVERLAP) if exclude_vqa_rad_overlap else set())
 
-        def make_record(item: tuple[int, bytes]) -> ImageRecord:
+        def make_record(item: tuple[int, bytes]) -> Record | Filtered:
             line, raw = item
             _, image, path, caption = parse_medpix_line(raw, root=root, file=annotations, line=line)
             if excluded & {image, *image.split("_")}:
-                raise _Filtered("excluded")
-            return ImageRecord(path=path, id=image, file=str(annotations), texts=(caption,))
+                return Filtered("excluded")
+            return Record(id=image, image=path, file=str(annotations), texts=(caption,))
 
         self._load(read_lines(annotations), make_record)

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from umd_lightning.data.common import (
-    OnError,
-    ScanReport,
-    add_report,
-    check_label_column,
-    check_text,
-    safe_join,
-    scan,
-)
+from umd_lightning.data.common import OnError, check_label_column, check_text, safe_join
 from umd_lightning.data.files import read_csv_rows, require_files
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import ScanReport, add_report, scan
 
 MELINDA_LABEL_COLUMNS = ("i_meth", "p_meth", "i_meth_label", "p_meth_label")
 
@@ -50,13 +43,13 @@ def melinda_records(
             number, row = item
             figure = row.get("figure_file")
             record_id = figure or f"line {number}"
-            return {
-                "id": record_id,
-                "image": safe_join(root / "melinda_images", figure, file=file, record=record_id),
-                "text": check_text(row.get("caption"), file=file, record=record_id, what="caption"),
-                "label_name": check_text(row.get(label_column), file=file, record=record_id, what=label_column),
-                "split": split,
-            }
+            return Record(
+                id=record_id,
+                image=safe_join(root / "melinda_images", figure, file=file, record=record_id),
+                texts=(check_text(row.get("caption"), file=file, record=record_id, what="caption"),),
+                label_name=check_text(row.get(label_column), file=file, record=record_id, what=label_column),
+                split=split,
+            )
 
         numbered = list(enumerate(rows, start=2))  # line 1 is the header
         kept, report = scan(numbered, parse, name=f"melinda/{split}", on_error=on_error, progress=False)

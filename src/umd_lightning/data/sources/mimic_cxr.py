@@ -7,19 +7,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    read_text,
-    safe_join,
-)
-from umd_lightning.data.datasets import ImageRecord, PairDataset, Transform, _Filtered
+from umd_lightning.data.common import DataError, OnError, read_text, safe_join
+from umd_lightning.data.datasets import PairDataset, Transform
 from umd_lightning.data.files import (
     canonical_split,
     collapse_whitespace,
     read_csv_rows,
 )
+from umd_lightning.data.records import Record
+from umd_lightning.data.scan import Filtered, ScanMode
 
 MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
 
@@ -112,20 +108,21 @@ class MimicCxrDataset(PairDataset):
         }
         items = [row for row in _read_csv(split_file, ("dicom_id", "split")) if _cell(row, "split") == canonical]
         kept_views = None if views is None else {view.strip() for view in views}
-        report_cache: dict[str, str | Exception] = {}
+        report_cache: dict[str, str | Filtered | DataError] = {}
 
-        def study_text(subject: str, study: str, dicom: str) -> str:
+        def study_text(subject: str, study: str, dicom: str) -> str | Filtered:
+            """The study's report text, read once per study (its error or left-out outcome too)."""
             if study not in report_cache:
                 try:
                     report_cache[study] = read_report(subject, study, dicom)
-                except (DataError, _Filtered) as outcome:
-                    report_cache[study] = outcome
+                except DataError as error:
+                    report_cache[study] = error
             outcome = report_cache[study]
-            if isinstance(outcome, Exception):
+            if isinstance(outcome, DataError):
                 raise outcome
             return outcome
 
-        def read_report(subject: str, study: str, dicom: str) -> str:
+        def read_report(subject: str, study: str, dicom: str) -> str | Filtered:
             relative = f"files/p{subject[:2]}/p{subject}/s{study}.txt"
             path = safe_join(report_folder, relative, file=split_file, record=dicom)
             if not path.is_file():
@@ -133,22 +130,24 @@ class MimicCxrDataset(PairDataset):
             sections = report_sections(read_text(path, record=dicom))
             text = " ".join(part for part in (sections.get("FINDINGS"), sections.get("IMPRESSION")) if part)
             if not text:
-                raise _Filtered("no_findings_impression")
+                return Filtered("no_findings_impression")
             return text
 
-        def make_record(row: dict[str, str]) -> ImageRecord:
+        def make_record(row: dict[str, str]) -> Record | Filtered:
             dicom = _cell(row, "dicom_id")
             meta = metadata.get(dicom)
             if meta is None:
                 raise DataError("missing_metadata", split_file, dicom, f"dicom_id not in {metadata_file.name}")
             if kept_views is not None and _cell(meta, "ViewPosition") not in kept_views:
-                raise _Filtered("other_view")
+                return Filtered("other_view")
             subject, study = _cell(meta, "subject_id"), _cell(meta, "study_id")
             if not (subject.isdigit() and len(subject) >= 2 and study.isdigit()):
                 raise DataError("bad_record", metadata_file, dicom, f"bad subject_id {subject!r} / study_id {study!r}")
             text = study_text(subject, study, dicom)
+            if isinstance(text, Filtered):
+                return text
             relative = f"files/p{subject[:2]}/p{subject}/s{study}/{dicom}.jpg"
             path = safe_join(root, relative, file=metadata_file, record=dicom)
-            return ImageRecord(path=path, id=dicom, file=str(split_file), texts=(text,))
+            return Record(id=dicom, image=path, file=str(split_file), texts=(text,))
 
         self._load(items, make_record)

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanMode,
-    ScanReport,
-    safe_join,
-    scan,
-)
-from umd_lightning.data.datasets import MIN_WORDS, ImageRecord, PairDataset, Transform, _Filtered
+from umd_lightning.data.common import DataError, OnError, safe_join
+from umd_lightning.data.datasets import MIN_WORDS, PairDataset, Transform
 from umd_lightning.data.files import (
     canonical_split,
     clean_text,
@@ -20,6 +13,7 @@ from umd_lightning.data.files import (
     read_lines,
 )
 from umd_lightning.data.records import Record
+from umd_lightning.data.scan import Filtered, ScanMode, ScanReport, add_report, scan
 
 ROCO_SPLIT_FOLDERS = {"train": ("train",), "val": ("validation", "val"), "test": ("test",)}
 """ROCO's split folders; M3AE renames ``validation`` to ``val``, so both are accepted."""
@@ -87,20 +81,17 @@ def roco_records(
         file = roco_captions_file(root, split)
         lines = read_lines(file)
 
-        def parse(item: tuple[int, bytes], file: Path = file, split: str = split) -> Record:
+        def parse(item: tuple[int, bytes], file: Path = file, split: str = split) -> Record | Filtered:
             number, raw = item
             image_id, image, text = parse_roco_line(raw, captions=file, line=number)
-            return {"id": image_id, "image": image, "text": text, "split": split}
+            # Short captions are a selection rule, not a data error: counted, never failing.
+            if len(text.split()) < min_words:
+                return Filtered("short_caption")
+            return Record(id=image_id, image=image, texts=(text,), split=split)
 
         kept, report = scan(lines, parse, name=f"roco/{split}", on_error=on_error, progress=False)
-        # Short captions are a selection rule, not a data error: count them without failing.
-        long_enough = [record for record in kept if len(record["text"].split()) >= min_words]
-        if len(long_enough) < len(kept):
-            report.problems["short_caption"] += len(kept) - len(long_enough)
-            report.kept = len(long_enough)
-        if reports is not None:
-            reports.append(report)
-        records += long_enough
+        add_report(reports, report)
+        records += kept
     return records
 
 
@@ -132,11 +123,11 @@ class RocoDataset(PairDataset):
         super().__init__(name=f"roco/{split}", transform=transform, on_error=on_error, scan_mode=scan)
         captions = roco_captions_file(Path(root), split)
 
-        def make_record(item: tuple[int, bytes]) -> ImageRecord:
+        def make_record(item: tuple[int, bytes]) -> Record | Filtered:
             line, raw = item
             name, path, text = parse_roco_line(raw, captions=captions, line=line)
             if len(text.split()) < min_words:
-                raise _Filtered("short_caption")
-            return ImageRecord(path=path, id=name, file=str(captions), texts=(text,))
+                return Filtered("short_caption")
+            return Record(id=name, image=path, file=str(captions), texts=(text,))
 
         self._load(read_lines(captions), make_record)

@@ -6,13 +6,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanReport,
-)
+from umd_lightning.data.common import DataError, OnError
 from umd_lightning.data.files import read_json_list, require_files
 from umd_lightning.data.records import Record, _answer_type, _field, _parse, _record
+from umd_lightning.data.scan import ScanReport
 
 log = logging.getLogger(__name__)
 

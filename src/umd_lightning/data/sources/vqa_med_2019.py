@@ -5,14 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from umd_lightning.data.common import (
-    DataError,
-    OnError,
-    ScanReport,
-    read_text,
-)
+from umd_lightning.data.common import DataError, OnError, read_text
 from umd_lightning.data.files import require_files
 from umd_lightning.data.records import Record, _parse, _record
+from umd_lightning.data.scan import ScanReport
 
 VQA_MED_CATEGORIES = ("modality", "plane", "organ", "abnormality")
 
