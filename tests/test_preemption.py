@@ -23,10 +23,10 @@ SIGNAL_AT = 5
 steps would otherwise hold step 4 only)."""
 
 
-def signalled_config(run_dir: Path, signum: int, ddp: bool = False, group: bool = False) -> Path:
+def signalled_config(run_dir: Path, signum: int, ddp: bool = False, group: bool = False, at: int = SIGNAL_AT) -> Path:
     path = write_config(run_dir, pretrain_config(run_dir), kill_at=None)
     config = yaml.safe_load(path.read_text())
-    signal_args = {"step": SIGNAL_AT, "signum": int(signum), "group": group}
+    signal_args = {"step": at, "signum": int(signum), "group": group}
     config["trainer"]["callbacks"] = [{"class_path": "pipeline_helpers.SignalAtStep", "init_args": signal_args}]
     if group:
         # Workers, and more micro-batches to fetch after the signal than the workers have prefetched (one step is
@@ -62,6 +62,17 @@ def test_signal_saves_a_checkpoint_exits_non_zero_and_resumes_exactly(tmp_path: 
     resumed = umd_fit(config, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_training_state(load(last), load(tmp_path / "reference" / "ckpt" / "last.ckpt"))
+
+
+@pytest.mark.slow
+def test_sigterm_at_the_last_step_finishes_the_fit_instead(tmp_path: Path) -> None:
+    # Stopping after the last step would save a checkpoint that skipped the final validation, and a resumed run
+    # would end at once without it (no best.ckpt for a monitored stage): the fit finishes and exits 0.
+    config = signalled_config(tmp_path / "last", signal.SIGTERM, at=STEPS - 1)
+    finished = umd_fit(config)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"SIGTERM at the fit's last step ({STEPS}): finishing it" in finished.stderr
+    assert load(tmp_path / "last" / "ckpt" / "last.ckpt")["global_step"] == STEPS
 
 
 @pytest.mark.slow

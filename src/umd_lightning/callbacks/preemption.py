@@ -77,6 +77,16 @@ class Preemption(pl.Callback):
         if not stop:
             return
         signum = self._signal or int(signal.SIGTERM)
+        if _is_final_step(trainer):
+            # Stopping here would save a checkpoint that has trained every step but not yet run the final
+            # validation: resumed, it would stop at once and never write best.ckpt. What is left is that validation
+            # and the final checkpoints, so the fit finishes (every rank decides alike: the step counts agree).
+            self._signal = None
+            rank_zero_info(
+                f"[umd] {signal.Signals(signum).name} at the fit's last step ({trainer.global_step}): finishing it "
+                "(final validation and checkpoints) instead of stopping"
+            )
+            return
         _received.append(signum)
         callback = trainer.checkpoint_callback
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
@@ -93,6 +103,14 @@ class Preemption(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
+
+
+def _is_final_step(trainer: pl.Trainer) -> bool:
+    """Whether the optimiser step just taken is the fit's last (``max_steps``, or the last batch of the last epoch)."""
+    if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1  # -1: no epoch limit
+    return bool(trainer.is_last_batch) and 0 < max_epochs <= trainer.current_epoch + 1
 
 
 class FinalCheckpoint(pl.Callback):
