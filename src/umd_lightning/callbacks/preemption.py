@@ -43,6 +43,10 @@ class Preemption(pl.Callback):
     replaced during training: it broadcasts from inside the signal handler, which can pair with another rank's
     collective and hang or break the process group.
 
+    A signal at the fit's last optimiser step does not stop it: the fit finishes its final validation and
+    checkpoints (``best.ckpt`` included) and ends normally, since a checkpoint saved before that validation would
+    resume to an immediate end without it.
+
     The ``umd`` command adds it to every run; with a plain ``Trainer`` add it to ``callbacks``.
     """
 
