@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from umd_lightning.errors import ConfigError
 from umd_lightning.experiment.command import main
 from umd_lightning.experiment.report import build_report
-from umd_lightning.experiment.runner import Runner
+from umd_lightning.experiment.runner import Runner, detect_devices
 from umd_lightning.experiment.spec import load_spec, make_plan
 from umd_lightning.experiment.stats import T_975, paired_difference, summarize, t_quantile_975
 
@@ -275,6 +276,41 @@ def test_malformed_spec_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err.startswith("umd experiment: error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+class SleepingRunner(Runner):
+    """The real scheduler with each phase a one-second process (fit) or one that writes a test result."""
+
+    def command(self, run, phase: str, resume: bool = False) -> list[str]:
+        script = (
+            "import json, sys, time, pathlib; time.sleep(1.0); folder = pathlib.Path(sys.argv[1]); "
+            "sys.argv[2] == 'test' and (folder / 'test_results.json').write_text("
+            "json.dumps({'metrics': {'test/overall': 0.5}}))"
+        )
+        return [sys.executable, "-c", script, str(self.folder(run)), phase]
+
+
+def test_cpu_slots_run_that_many_at_once_upstream_first(tmp_path: Path) -> None:
+    assert detect_devices("cpu") == [None] and detect_devices("cpu:3") == [None, None, None]
+    for bad in ("cpu:0", "cpu:two"):
+        with pytest.raises(ConfigError, match="cpu:N takes a whole number"):
+            detect_devices(bad)
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec(tmp_path / "marker"), sort_keys=False))
+    plan = make_plan(load_spec(spec_path))
+    lines: list[str] = []
+    assert SleepingRunner(plan, tmp_path / "out", [None, None], echo=lines.append).run() == 0
+    assert "to run on the CPU, 2 runs at a time" in lines[0]
+    # Intervals of each run (first start to done): never more than two at once, and all four fine-tuning runs
+    # start after the pre-training they build on is done.
+    log = events(tmp_path / "out")
+    start = {e["run"]: e["time"] for e in reversed(log) if e["event"] == "start"}
+    done = {e["run"]: e["time"] for e in log if e["event"] == "done"}
+    assert set(done) == {run.key for run in plan.runs}
+    pretrain, *finetune = plan.runs
+    assert all(start[run.key] >= done[pretrain.key] for run in finetune)
+    running = [sum(start[r] <= start[k] < done[r] for r in start) for k in start]
+    assert max(running) == 2  # two ran side by side, and never three
 
 
 # ---------------------------------------------------------------------------------------------- statistics

@@ -1,4 +1,4 @@
-"""``umd experiment run SPEC.yaml [--out DIR] [--devices auto|cpu|0,1] [--dry-run]`` and
+"""``umd experiment run SPEC.yaml [--out DIR] [--devices auto|cpu|cpu:N|0,1] [--dry-run]`` and
 ``umd experiment report DIR [--out REPORT_DIR]``."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--devices",
         default="auto",
-        help="auto (every visible GPU, else the CPU), cpu, or GPU ids such as 0,1: one run per device",
+        help="auto (every visible GPU, else the CPU), cpu (one run at a time), cpu:N (N at once), or GPU ids "
+        "such as 0,1: one run per device",
     )
     run.add_argument("--dry-run", action="store_true", help="print the stage runs and their commands, run nothing")
     report = commands.add_parser("report", help="tables, paired comparisons and plots from an experiment folder")

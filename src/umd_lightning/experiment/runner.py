@@ -86,12 +86,18 @@ def _ask_to_stop_with_parent(parent: int) -> None:
 
 
 def detect_devices(choice: str) -> list[str | None]:
-    """The slots runs are spread over: GPU ids (one run per device), or ``[None]``: one run at a time.
+    """The slots runs are spread over: GPU ids (one run per device), or ``None`` per concurrent CPU run.
 
-    ``auto``: the ids in ``CUDA_VISIBLE_DEVICES`` or every GPU torch sees, else the CPU; ``cpu``; ``0,1``: these.
+    ``auto``: the ids in ``CUDA_VISIBLE_DEVICES`` or every GPU torch sees, else the CPU; ``cpu``: one run at a time;
+    ``cpu:N``: N runs at once on the CPU (with ``OMP_NUM_THREADS=1``, one per core); ``0,1``: these GPUs.
     """
     if choice == "cpu":
         return [None]
+    if choice.startswith("cpu:"):
+        count = choice.removeprefix("cpu:")
+        if not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"--devices {choice!r}: cpu:N takes a whole number of runs at once, such as cpu:2")
+        return [None] * int(count)
     if choice != "auto":
         ids = [part.strip() for part in choice.split(",") if part.strip()]
         if not ids:
@@ -395,7 +401,10 @@ class Runner:
         finished = {run.key for run in self.plan.runs if run not in pending}
         failed: set[str] = set()
         counts = ", ".join(f"{n} {stage}" for stage, n in self.plan.counts().items() if n)
-        slots = ", ".join(f"GPU {d}" for d in self.devices if d is not None) or "the CPU, one run at a time"
+        cpu_runs = sum(d is None for d in self.devices)
+        slots = ", ".join(f"GPU {d}" for d in self.devices if d is not None) or (
+            "the CPU, one run at a time" if cpu_runs == 1 else f"the CPU, {cpu_runs} runs at a time"
+        )
         self.echo(
             f"[experiment] {self.plan.spec.name}: {len(self.plan.cells)} results from {len(self.plan.runs)} stage "
             f"runs ({counts}); {len(finished)} already finished, {len(pending)} to run on {slots}; in {self.out}"
