@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from umd_lightning.metrics import VQAAccuracy, classification_metrics, recall_at_k
+from umd_lightning.metrics import QuestionTypeAccuracy, VQAAccuracy, classification_metrics, recall_at_k
 from umd_lightning.metrics import retrieval as retrieval_module
 
 # ------------------------------------------------------------------------------------------------------------
@@ -55,6 +55,25 @@ def test_vqa_accuracy_empty_question_type_is_nan() -> None:
 def test_vqa_accuracy_rejects_mismatched_shapes() -> None:
     with pytest.raises(ValueError, match="shape"):
         VQAAccuracy().update(torch.tensor([1, 2]), torch.tensor([1]), torch.tensor([True, False]))
+
+
+def test_question_type_accuracy_hand_computed_and_merged_like_ranks() -> None:
+    types = ["ABN", "POS", "PRES"]
+    pred, answer = torch.tensor([1, 0, 2, 4, 7]), torch.tensor([1, 1, 2, -1, 7])
+    kinds = [("PRES",), ("PRES", "POS"), ("POS",), ("ABN",), ("COLOR",)]  # COLOR is not a type of the metric
+    whole, rank0, rank1 = (QuestionTypeAccuracy(types) for _ in range(3))
+    whole.update(pred, answer, kinds)
+    rank0.update(pred[:2], answer[:2], kinds[:2])
+    rank1.update(pred[2:], answer[2:], kinds[2:])
+    rank0.merge_state(rank1)
+    # PRES: right, wrong -> 1/2; POS (counted for the two-type question too): wrong, right -> 1/2;
+    # ABN: its answer is outside the vocabulary -> 0/1.
+    expected = {"ABN": (0.0, 1), "POS": (0.5, 2), "PRES": (0.5, 2)}
+    for metric in (whole, rank0):
+        result = metric.compute()
+        assert {k: (result[f"type/{k}/accuracy"].item(), result[f"type/{k}/n"].item()) for k in types} == expected
+    with pytest.raises(ValueError, match="2 question types for a batch of 5"):
+        whole.update(pred, answer, kinds[:2])
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,9 @@ CELL_TIMEOUT_S = 300
 TABLE_ROW = re.compile(r"^(open|closed|overall)\s+(\d+)\s+(\d\.\d{3}|nan)\s*$", re.M)
 
 INSTALL_HINT = "pip install 'umd_lightning[notebook]'"
+# What the notebooks must not show a reader: Lightning's litlogger tip, the `_pytree` deprecation warning, the
+# MiniLM pooler's load report, Lightning's note on an unset `weights_only`.
+NOISE = ("litlogger", "LeafSpec", "LOAD REPORT", "`weights_only` was not set")
 nbformat = pytest.importorskip("nbformat", reason=f"nbformat is not installed ({INSTALL_HINT})")
 
 
@@ -53,6 +56,8 @@ def test_notebook_is_committed_with_its_outputs(path):
     )
     assert notebook.metadata["kernelspec"]["name"] == "python3"
     assert 'os.environ["HF_HUB_OFFLINE"] = "1"' in code[0].source, "the first cell must switch the hub off"
+    noisy = [(i, word) for i, cell in enumerate(code) for word in NOISE if word in text_of(cell)]
+    assert not noisy, f"console noise in the committed outputs (code cell, text): {noisy}"
 
 
 @pytest.mark.slow
@@ -93,6 +98,7 @@ def test_explain_notebook_runs_end_to_end(tmp_path, monkeypatch):
         "q0_rollout.png",
     ]
     printed = "".join(text_of(cell) for cell in code)
+    assert not [word for word in NOISE if word in printed], printed
     assert len(re.findall(r"'.+': '.+' \(true: '.+'\); top-5: ", printed)) == 3
     for figure in (cell for cell in code if "plt.show()" in cell.source):
         assert any("image/png" in output.get("data", {}) for output in figure.outputs)
@@ -119,6 +125,8 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
         if "plt.show()" in cell.source:
             kinds = {kind for output in cell.outputs for kind in output.get("data", {})}
             assert "image/png" in kinds, f"no figure from the cell starting {cell.source.splitlines()[0]!r}"
+
+    assert not [word for word in NOISE if word in "".join(text_of(cell) for cell in code)]
 
     # The last cell prints the test accuracy table; its rows must agree with each other.
     printed = text_of(code[-1])

@@ -3,6 +3,8 @@ during fine-tuning, the test metrics as a table; read back from the event files.
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -75,5 +77,12 @@ def test_finetuning_logs_explanations_answers_and_the_test_table(tmp_path):
     texts = {tag: events.Tensors(tag)[-1].tensor_proto.string_val[0].decode() for tag in events.Tags()["tensors"]}
     answers = next(v for k, v in texts.items() if k.startswith("pictures/answers"))
     assert "| predicted |" in answers and answers.count("\n| ") >= 3
-    table = next(v for k, v in texts.items() if k.startswith("tables/test"))
-    assert "| overall |" in table and "| open |" in table and "| closed |" in table
+    texts = {tag.removesuffix("/text_summary"): text for tag, text in texts.items()}
+    table = texts["tables/test"]
+    assert "| overall |" in table and "| open |" in table and "| closed |" in table and "type/" not in table
+    # One row per question type of the fixture's test split, with its question count read from the JSON here.
+    released = json.loads((Path(root) / "VQA_RAD Dataset Public.json").read_text())
+    counts = Counter(r["question_type"] for r in released if r["phrase_type"].startswith("test_"))
+    by_type = texts["tables/test_question_types"].splitlines()
+    assert by_type[0] == "| question type | questions | accuracy |"
+    assert [line.split(" | ")[:2] for line in by_type[2:]] == [[f"| {k}", str(n)] for k, n in sorted(counts.items())]

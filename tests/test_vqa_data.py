@@ -97,7 +97,8 @@ def test_vqa_rad_official_records():
     assert reports[0].read == reports[0].kept == len(raw)
     first = records[0]
     filled = {f.name for f in fields(first) if getattr(first, f.name) not in (None, "", ())}
-    assert filled == {"id", "image", "image_id", "question", "answer", "answer_type", "split"}
+    assert filled == {"id", "image", "image_id", "question", "answer", "answer_type", "question_types", "split"}
+    assert [r.question_types for r in records] == [(entry["question_type"],) for entry in raw]
     assert first.image == (FIXTURES / "vqa_rad" / "VQA_RAD Image Folder" / raw[0]["image_name"]).resolve()
     assert first.image_id == Path(raw[0]["image_name"]).stem
     assert first.answer == normalize_answer(raw[0]["answer"])
@@ -114,6 +115,10 @@ def test_every_layout_reads_its_fixture(layout):
     if layout.startswith("vqa_med"):
         assert {r.answer_type for r in records} == {"open"}
         assert splits["val"] > 0
+    # Every layout's questions carry their type: VQA-RAD's question_type, SLAKE's content_type, VQA-Med's category.
+    assert all(len(r.question_types) == 1 for r in records)
+    if layout.startswith("vqa_med"):
+        assert {r.question_types[0] for r in records} == {"MODALITY", "PLANE", "ORGAN"}
 
 
 def test_vqa_rad_preprocessed_matches_its_files():
@@ -299,3 +304,12 @@ def test_real_vqa_rad_counts(shared_data):
     module = VQADataModule("vqa_rad", str(root), num_workers=0)
     assert module.num_answers == len(vocab) and module.out_of_vocabulary["test"] == outside
     assert not {r.image_id for r in module.records["train"]} & {r.image_id for r in module.records["val"]}
+    # question_type as released: 11 types, a few questions of two ("PRES, POS"), two misspelt (ATRIB, PRSE).
+    raw = {str(entry["qid"]): entry["question_type"] for entry in _raw_vqa_rad(root)}
+    two = [r for r in records if "," in raw[r.id]]
+    assert len(two) == 34 and all(len(r.question_types) == 2 for r in two)
+    assert next(r for r in records if raw[r.id] == "POS, PRES").question_types == ("POS", "PRES")
+    assert {t for r in records for t in r.question_types} == {
+        *("ABN", "ATTRIB", "COLOR", "COUNT", "MODALITY", "ORGAN", "OTHER", "PLANE", "POS", "PRES", "SIZE")
+    }
+    assert module.question_types == sorted({t for r in test for t in r.question_types})

@@ -8,6 +8,8 @@
   :class:`ModelSummaryWithoutFlops` replaces Lightning's default summary;
 * the ``_pytree`` deprecation warning Lightning's own code triggers in torch at every step (nothing a user can
   change), filtered by its message while a ``umd`` command runs (:func:`known_warnings`).
+
+Notebooks call :func:`silence_known_noise` once, for the two that a ``Trainer`` built by hand shows.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lightning.pytorch.utilities.model_summary.model_summary import _format_summ
 TRANSFORMERS_LOADING_LOGGER = "transformers.modeling_utils"
 LIGHTNING_INFO_LOGGER = "lightning.pytorch.utilities.rank_zero"
 _REPORT_STATUSES = ("UNEXPECTED", "MISSING", "MISMATCH", "CONVERSION")
+_PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 class _PoolerOnlyReport(logging.Filter):
@@ -80,8 +83,17 @@ def quiet_trainer_init() -> contextlib.AbstractContextManager[None]:
 def known_warnings() -> Iterator[None]:
     """While a command runs: without the ``_pytree`` ``LeafSpec`` deprecation Lightning's loops trigger."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        warnings.filterwarnings("ignore", message=_PYTREE_WARNING)
         yield
+
+
+def silence_known_noise() -> None:
+    """For notebooks and scripts that build ``Trainer`` themselves: drop the litlogger tip and the ``_pytree``
+    deprecation warning for the rest of the process (the ``umd`` commands do this per call)."""
+    logger = logging.getLogger(LIGHTNING_INFO_LOGGER)
+    if not any(isinstance(f, _NoLitLoggerTip) for f in logger.filters):
+        logger.addFilter(_NoLitLoggerTip())
+    warnings.filterwarnings("ignore", message=_PYTREE_WARNING)
 
 
 class ModelSummaryWithoutFlops(ModelSummary):

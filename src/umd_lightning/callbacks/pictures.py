@@ -9,7 +9,8 @@
   and Grad-CAM overlays (:mod:`umd_lightning.explain`) of fixed samples under ``pictures/explain``, and their
   questions with the predicted answers as a table (``pictures/answers``).
 * :class:`TestTable`: after ``test``, every ``test/*`` metric (overall, open / closed answer types, counts) as a
-  Markdown table in the log's text tab (``tables/test``).
+  Markdown table in the log's text tab (``tables/test``), and for VQA the accuracy per question type
+  (``tables/test_question_types``).
 
 Only rank 0 draws; a run without a TensorBoard logger draws nothing.
 """
@@ -168,6 +169,15 @@ class TestTable(Callback):
             return
         rows = ["| metric | value |", "|---|---|"]
         for name, value in sorted(metrics.items()):
+            if name.startswith("test/type/"):
+                continue
             shown = f"{value:.0f}" if name.split("/")[-1].startswith("n") else f"{value:.4f}"
             rows.append(f"| {name.removeprefix('test/')} | {shown} |")
         logger.experiment.add_text("tables/test", "\n".join(rows), trainer.global_step)
+        types = sorted({name.split("/")[2] for name in metrics if name.startswith("test/type/")})
+        if types:  # VQA: one row per question type (a question of two types counts in both)
+            rows = ["| question type | questions | accuracy |", "|---|---|---|"]
+            for kind in types:
+                count, accuracy = metrics[f"test/type/{kind}/n"], metrics[f"test/type/{kind}/accuracy"]
+                rows.append(f"| {kind} | {count:.0f} | {accuracy:.4f} |")
+            logger.experiment.add_text("tables/test_question_types", "\n".join(rows), trainer.global_step)

@@ -95,7 +95,7 @@ class Preemption(pl.Callback):
         callback = trainer.checkpoint_callback
         folder = Path(callback.dirpath) if callback is not None and callback.dirpath else Path(trainer.default_root_dir)
         path = folder / LAST
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: a resume needs it
         rank_zero_info(
             f"[umd] {signal.Signals(signum).name} at step {trainer.global_step}: saved {path}; resume with the same "
             "command and `--ckpt_path last`"
@@ -135,4 +135,4 @@ class FinalCheckpoint(pl.Callback):
         callback = trainer.checkpoint_callback
         if callback is None or not callback.dirpath or self._saved_step == trainer.global_step:
             return
-        trainer.save_checkpoint(Path(callback.dirpath) / LAST)
+        trainer.save_checkpoint(Path(callback.dirpath) / LAST, weights_only=False)

@@ -30,6 +30,9 @@ class Record:
             classification (``text``); empty for VQA.
         question, answer, answer_type, image_id: VQA (the answer normalised, ``answer_type`` ``open`` or
             ``closed``, ``image_id`` the image's name, which the validation hold-out groups by).
+        question_types: VQA: what the question asks about, for the per-type accuracy at test (VQA-RAD's
+            ``question_type``, which may name two: ``("PRES", "POS")``; SLAKE's ``content_type``; VQA-Med's
+            category); empty when the set has none.
         label_name: classification (the class's name; the DataModule maps it to an index).
         case: MedPix's case id (``U_id``).
     """
@@ -43,6 +46,7 @@ class Record:
     answer: str | None = None
     answer_type: str | None = None
     image_id: str | None = None
+    question_types: tuple[str, ...] = ()
     label_name: str | None = None
     case: str | None = None
 
@@ -80,6 +84,19 @@ def _answer_type(raw: Any, file: Path, record: Any) -> str:
     return kind
 
 
+QUESTION_TYPE_SPELLINGS = {"ATRIB": "ATTRIB", "PRSE": "PRES"}
+"""VQA-RAD's misspelt ``question_type`` values (one record each in the public release) and the type meant."""
+
+
+def _question_types(raw: Any) -> tuple[str, ...]:
+    """A question's types from a ``question_type`` / ``content_type`` / category value: comma-separated names,
+    upper-cased, misspellings mended, in their order; ``()`` for a missing or empty value."""
+    if not isinstance(raw, str):
+        return ()
+    names = [part.strip().upper() for part in raw.split(",") if part.strip()]
+    return tuple(dict.fromkeys(QUESTION_TYPE_SPELLINGS.get(name, name) for name in names))
+
+
 def _record(
     *,
     image_root: Path,
@@ -91,6 +108,7 @@ def _record(
     answer: Any,
     answer_type: str,
     split: str,
+    question_types: tuple[str, ...] = (),
 ) -> Record:
     qid = str(qid)
     return Record(
@@ -100,6 +118,7 @@ def _record(
         question=check_text(question, file=file, record=qid, what="question"),
         answer=_answer(answer, file, qid),
         answer_type=answer_type,
+        question_types=question_types,
         split=split,
     )
 

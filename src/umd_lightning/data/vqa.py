@@ -100,7 +100,7 @@ class VQADataset(Dataset):
         scan: how much of each image the set-up scan reads (each distinct image once).
 
     Samples: ``{"image": (3, H, W) tensor, "question": str, "answer": str, "answer_index": int,
-    "is_closed": bool, "qid": str, "image_id": str}``.
+    "is_closed": bool, "qid": str, "image_id": str, "question_types": tuple[str, ...]}``.
     """
 
     def __init__(
@@ -144,6 +144,7 @@ class VQADataset(Dataset):
             "is_closed": record.answer_type == "closed",
             "qid": record.id,
             "image_id": record.image_id,
+            "question_types": record.question_types,
         }
 
 
@@ -158,8 +159,8 @@ class VQACollator:
     Returns (from ``__call__``): ``pixel_values (B, 3, H, W)``, ``input_ids (B, L)``, ``attention_mask (B,
     L)``, ``targets (B, A)`` float one-hot (an all-zero row for an answer outside the vocabulary),
     ``answer_index (B,)`` long (-1 outside), ``is_closed (B,)`` bool, ``qids``, ``questions``, ``answers``
-    (lists of str). ``None`` samples are dropped; a batch of nothing but ``None`` samples gives ``None`` (the
-    training step skips it).
+    (lists of str), ``question_types`` (a tuple of str per question). ``None`` samples are dropped; a batch of
+    nothing but ``None`` samples gives ``None`` (the training step skips it).
     """
 
     def __init__(self, tokenizer: Any, max_length: int = 32, *, num_answers: int) -> None:
@@ -195,4 +196,5 @@ class VQACollator:
             "qids": [sample["qid"] for sample in samples],
             "questions": questions,
             "answers": [sample["answer"] for sample in samples],
+            "question_types": [sample["question_types"] for sample in samples],
         }

@@ -2,6 +2,6 @@
 
 from umd_lightning.metrics.classification import classification_metrics
 from umd_lightning.metrics.retrieval import recall_at_k
-from umd_lightning.metrics.vqa import VQAAccuracy
+from umd_lightning.metrics.vqa import QuestionTypeAccuracy, VQAAccuracy
 
-__all__ = ["VQAAccuracy", "classification_metrics", "recall_at_k"]
+__all__ = ["QuestionTypeAccuracy", "VQAAccuracy", "classification_metrics", "recall_at_k"]

@@ -73,3 +73,50 @@ def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
     if denominator.item() == 0:
         return torch.tensor(float("nan"), device=numerator.device)
     return numerator.double().div(denominator).float()
+
+
+class QuestionTypeAccuracy(Metric):
+    """Exact-match accuracy per question type (VQA-RAD's ``question_type``, SLAKE's ``content_type``, VQA-Med's
+    category); a question of two types counts in both.
+
+    The types are fixed when the metric is built (the test split's, from the DataModule), so the states have
+    the same shape on every process and reduce with ``sum`` under DDP. A type not in ``types`` is ignored.
+
+    ``compute()`` returns ``{"type/<T>/accuracy": 0-dim float (NaN with no question), "type/<T>/n": 0-dim
+    int64}`` for each type ``T``.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+
+    def __init__(self, types: list[str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not types:
+            raise ValueError("QuestionTypeAccuracy needs at least one question type")
+        self.types = list(types)
+        self._position = {name: i for i, name in enumerate(self.types)}
+        for name in ("correct", "n"):
+            self.add_state(name, default=torch.zeros(len(self.types), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, pred_index: Tensor, answer_index: Tensor, question_types: list[tuple[str, ...]]) -> None:
+        """Add a batch: (B,) predicted and true answer indices (``-1`` outside the vocabulary: wrong) and each
+        question's types."""
+        if len(question_types) != pred_index.shape[0]:
+            raise ValueError(f"{len(question_types)} question types for a batch of {pred_index.shape[0]}")
+        member = torch.zeros(len(question_types), len(self.types), dtype=torch.bool)
+        for row, kinds in enumerate(question_types):
+            for kind in kinds:
+                if kind in self._position:
+                    member[row, self._position[kind]] = True
+        member = member.to(pred_index.device)
+        correct = (pred_index == answer_index) & (answer_index >= 0)
+        self.correct += (member & correct[:, None]).sum(0)
+        self.n += member.sum(0)
+
+    def compute(self) -> dict[str, Tensor]:
+        values: dict[str, Tensor] = {}
+        for i, name in enumerate(self.types):
+            values[f"type/{name}/accuracy"] = _ratio(self.correct[i], self.n[i])
+            values[f"type/{name}/n"] = self.n[i].clone()
+        return values

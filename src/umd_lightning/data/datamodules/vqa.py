@@ -141,6 +141,12 @@ class VQADataModule(DownstreamDataModule):
         """Size of the answer vocabulary, the VQA head's output width."""
         return len(self.answer_vocab)
 
+    @property
+    def question_types(self) -> list[str]:
+        """The question types of the test split, sorted (the rows of the per-type accuracy at test); empty when
+        the set's records carry none."""
+        return sorted({kind for record in self.records["test"] for kind in record.question_types})
+
     def _pair(self, record: Record) -> Record:
         return Record(id=record.id, image=record.image, texts=(record.question,))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from umd_lightning.data.common import DataError, OnError, read_text
 from umd_lightning.data.files import require_files
-from umd_lightning.data.records import Record, _parse, _record
+from umd_lightning.data.records import Record, _parse, _question_types, _record
 from umd_lightning.data.scan import ScanReport
 
 VQA_MED_CATEGORIES = ("modality", "plane", "organ", "abnormality")
@@ -30,8 +30,11 @@ def _pipe_lines(file: Path) -> list[tuple[int, list[str]]]:
 
 
 def _pipe_parser(
-    root: Path, file: Path, images: str, split: str, qid_prefix: str, fields: tuple[str, ...]
+    root: Path, file: Path, images: str, split: str, qid_prefix: str, fields: tuple[str, ...], category: str | None
 ) -> Callable[[tuple[int, list[str]]], Record]:
+    """Lines ``image_id|question|answer`` of one ``category``, or (``category=None``) the test file's lines that
+    carry it as a field."""
+
     def parse(item: tuple[int, list[str]]) -> Record:
         number, parts = item
         qid = f"{qid_prefix}:{number}"
@@ -48,6 +51,7 @@ def _pipe_parser(
             answer=row["answer"],
             answer_type="open",
             split=split,
+            question_types=_question_types(row.get("category", category)),
         )
 
     return parse
@@ -95,6 +99,7 @@ def vqa_med_2019_records(
                 split,
                 f"{split}/{category}",
                 ("image_id", "question", "answer"),
+                category,
             )
             name = f"vqa_med_2019/{split}/{category}"
             records += _parse(_pipe_lines(file), parse, file=file, name=name, on_error=on_error, reports=reports)
@@ -106,6 +111,7 @@ def vqa_med_2019_records(
         "test",
         "test",
         ("image_id", "category", "question", "answer"),
+        None,
     )
     # The category is a field of the test file, so a line is kept or dropped before parsing.
     lines = [(n, parts) for n, parts in _pipe_lines(file) if len(parts) != 4 or parts[1].strip().lower() in chosen]
@@ -140,6 +146,7 @@ def vqa_med_2019_m3ae_records(
                 split,
                 f"{split}/{category}",
                 ("image_id", "question", "answer"),
+                category,
             )
             name = f"vqa_med_2019_m3ae/{split}/{category}"
             records += _parse(_pipe_lines(file), parse, file=file, name=name, on_error=on_error, reports=reports)

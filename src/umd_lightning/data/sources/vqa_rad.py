@@ -8,7 +8,7 @@ from typing import Any
 
 from umd_lightning.data.common import DataError, OnError
 from umd_lightning.data.files import read_json_list, require_files
-from umd_lightning.data.records import Record, _answer_type, _field, _parse, _record
+from umd_lightning.data.records import Record, _answer_type, _field, _parse, _question_types, _record
 from umd_lightning.data.scan import ScanReport
 
 
@@ -29,6 +29,7 @@ def _vqa_rad_entry(root: Path, file: Path, images: str, split_of: Callable[[dict
             answer=_field(entry, "answer", file, qid),
             answer_type=_answer_type(_field(entry, "answer_type", file, qid), file, qid),
             split=split_of(entry),
+            question_types=_question_types(entry.get("question_type")),
         )
 
     return parse

@@ -40,7 +40,8 @@ class FineTuneTask:
     def prepare_evaluation(self, module: FineTune, stage: str) -> None:
         """Called when a validation, test or predict epoch starts (``stage``: ``val`` or ``test``)."""
 
-    def evaluation_step(self, module: FineTune, batch: dict[str, Any], stage: str) -> None:
+    def evaluation_step(self, module: FineTune, batch: dict[str, Any], stage: str) -> Tensor | None:
+        """Score a batch into the stage's metric (the logits where the task has them)."""
         raise NotImplementedError
 
     def evaluation_results(self, module: FineTune, stage: str) -> dict[str, float]:
@@ -69,12 +70,14 @@ class LabelTask(FineTuneTask):
     def describe(self, logits: Tensor, batch: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def evaluation_step(self, module: FineTune, batch: dict[str, Any], stage: str) -> None:
+    def evaluation_step(self, module: FineTune, batch: dict[str, Any], stage: str) -> Tensor:
+        """Score a batch into the stage's metric; returns the logits (for a task's further metrics)."""
         metric = module.val_metric if stage == "val" else module.test_metric
         logits, _ = module._logits(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         loss, _ = self.loss(logits, batch)
         module.log(f"{stage}/loss", loss, batch_size=logits.shape[0], sync_dist=True)
         self.update(metric, logits, batch)
+        return logits
 
     def evaluation_results(self, module: FineTune, stage: str) -> dict[str, float]:
         metric = module.val_metric if stage == "val" else module.test_metric

@@ -1,16 +1,20 @@
 """VQA as classification over the answer vocabulary: per-answer BCE scaled by ``|A|`` (UMD_SPEC 4.1), open /
-closed / overall accuracy, and the top answers with sigmoid probabilities in each prediction row."""
+closed / overall accuracy (and per question type at test), and the top answers with sigmoid probabilities in each
+prediction row."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from umd_lightning.metrics.vqa import VQAAccuracy
+from umd_lightning.metrics.vqa import QuestionTypeAccuracy, VQAAccuracy
 from umd_lightning.stages.tasks.base import LabelTask
+
+if TYPE_CHECKING:
+    from umd_lightning.stages.finetune import FineTune
 
 TOP_ANSWERS = 5
 """Answers (with probabilities) in each ``umd predict`` row of a VQA model."""
@@ -32,6 +36,28 @@ class VQATask(LabelTask):
 
     def computed(self, metric: Metric, stage: str) -> dict[str, Any]:
         return {f"{stage}/{k}": v for k, v in metric.compute().items()}
+
+    # At test, accuracy per question type as well (``test/type/<T>/accuracy`` and ``/n``), the types being the
+    # DataModule's test split's; validation keeps to open / closed / overall.
+    def prepare_evaluation(self, module: FineTune, stage: str) -> None:
+        datamodule = getattr(module._trainer, "datamodule", None) if module._trainer is not None else None
+        types = getattr(datamodule, "question_types", None) if stage == "test" else None
+        module.test_by_type = QuestionTypeAccuracy(types).to(module.device) if types else None
+
+    def evaluation_step(self, module: FineTune, batch: dict[str, Any], stage: str) -> Tensor:
+        logits = super().evaluation_step(module, batch, stage)
+        by_type = getattr(module, "test_by_type", None)
+        if stage == "test" and by_type is not None and "question_types" in batch:
+            by_type.update(logits.argmax(-1), batch["answer_index"], batch["question_types"])
+        return logits
+
+    def evaluation_results(self, module: FineTune, stage: str) -> dict[str, float]:
+        results = super().evaluation_results(module, stage)
+        by_type = getattr(module, "test_by_type", None)
+        if stage == "test" and by_type is not None:
+            results.update({f"test/{k}": v for k, v in by_type.compute().items()})
+            by_type.reset()
+        return results
 
     def describe(self, logits: Tensor, batch: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
         """``{"qid", "question", "answer", "top5": [[answer, probability], ...]}`` per question (sigmoid
