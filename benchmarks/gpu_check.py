@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pretrain_step import bench
+from step import measure
 
 from umd_lightning.callbacks import GMCoord
 from umd_lightning.callbacks.recorder import StepRecorder
@@ -35,18 +35,30 @@ ACCELERATOR = {"name": "gpu", "precision": "bf16-mixed", "fit_steps": 40, "limit
 
 
 def step_times(text_model: str) -> list[dict]:
+    """The issue's GPU step figures (benchmarks/step.py, each in its own process): `base` at 288 px, batch 32,
+    TF32 vs bf16-mixed, then bf16 with torch.compile and with gradient checkpointing; `small` at batch 32 too."""
+    rows = [
+        ("base", "fp32", {}),
+        ("base", "bf16", {}),
+        ("base", "bf16", {"compile": True}),
+        ("base", "bf16", {"gradient_checkpointing": True}),
+        ("small", "fp32", {}),
+        ("small", "bf16", {}),
+    ]
     results = []
-    for preset, batch in (("small", 32), ("base", 32)):
-        for precision in ("fp32", "bf16"):
-            r = bench(preset, batch, 40, 10, torch.device("cuda"), precision, text_model=text_model)
-            r["batch"], r["precision"] = batch, precision
-            print(
-                f"[step] {preset} b{batch} {precision} {r['image']}px: {r['step_s'] * 1000:.0f} ms/step, "
-                f"{batch / r['step_s']:.0f} pairs/s, peak {r['memory_mib']:.0f} MiB; "
-                + ", ".join(f"{k} {100 * v / r['step_s']:.0f}%" for k, v in r["parts"].items()),
-                flush=True,
-            )
-            results.append(r)
+    print(f"{'preset':6s} {'precision':9s} {'option':22s} {'ms/step':>8s} {'pairs/s':>8s} {'MFU':>6s} {'GiB':>6s}")
+    for preset, precision, options in rows:
+        size = 288 if preset == "base" else None
+        r = measure(preset, precision, batch=32, repeats=10, warmup=3, device="cuda", image_size=size, **options)
+        r["options"] = options
+        label = ", ".join(options) or "-"
+        shown = "TF32" if precision == "fp32" else "bf16-mixed"
+        print(
+            f"{preset:6s} {shown:9s} {label:22s} {r['step_median_s'] * 1000:8.0f} {32 / r['step_median_s']:8.0f} "
+            f"{100 * r['mfu']:5.1f}% {r['memory_mib'] / 1024:6.1f}",
+            flush=True,
+        )
+        results.append(r)
     return results
 
 

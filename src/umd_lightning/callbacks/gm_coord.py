@@ -197,17 +197,22 @@ def rescale_(
     processes with the same generator state on the same kind of device add the same noise. Parameters whose
     ``grad`` is ``None`` are skipped without drawing.
     """
-    for param in params:
-        grad = param.grad
-        if grad is None:
-            continue
-        std = grad.float().std() if grad.numel() > 1 else grad.new_zeros((), dtype=torch.float32)
-        grad.mul_(k)
-        if noise:
-            device = generator.device if generator is not None else grad.device
-            draw = torch.randn(grad.shape, generator=generator, device=device, dtype=torch.float32)
-            draw = draw.to(grad.device) * ((std + _STD_FLOOR) * noise_scale)
-            grad.add_(draw.to(grad.dtype))
+    grads = [param.grad for param in params if param.grad is not None]
+    if not grads:
+        return
+    # Multi-tensor ops where torch has them (one kernel per group of gradients instead of one per parameter);
+    # the per-parameter std and the noise draws stay one per parameter, in order, so that the noise stream is
+    # the same whatever the grouping.
+    if noise:
+        stds = [g.float().std() if g.numel() > 1 else g.new_zeros((), dtype=torch.float32) for g in grads]
+        scales = torch._foreach_mul(torch._foreach_add(stds, _STD_FLOOR), noise_scale)
+    k_tensor = torch.as_tensor(k, dtype=torch.float32, device=grads[0].device)
+    torch._foreach_mul_(grads, k_tensor)
+    if noise:
+        device = generator.device if generator is not None else grads[0].device
+        draws = [torch.randn(g.shape, generator=generator, device=device, dtype=torch.float32) for g in grads]
+        draws = [(d.to(g.device) * scale).to(g.dtype) for d, g, scale in zip(draws, grads, scales)]
+        torch._foreach_add_(grads, draws)
 
 
 _SEED_MULTIPLIER = 2654435761

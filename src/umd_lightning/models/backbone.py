@@ -144,6 +144,22 @@ class UMDBackbone(nn.Module):
             image_pooled=self.image_pooler(image_layers[-1]),
         )
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in the backward pass (per ViT block, per text layer, per fusion layer pair)
+        instead of keeping them; only while training with gradients (the EMA teacher's passes are unaffected)."""
+        self.vision.gradient_checkpointing = enabled
+        self.fusion.gradient_checkpointing = enabled
+        encoder = self.text.encoder
+        # transformers 5 renamed the switch (activation_checkpointing_*); the older name still works there.
+        enable = getattr(encoder, "activation_checkpointing_enable", None) or encoder.gradient_checkpointing_enable
+        disable = getattr(encoder, "activation_checkpointing_disable", None) or encoder.gradient_checkpointing_disable
+        if enabled and getattr(encoder, "supports_gradient_checkpointing", False):
+            if hasattr(encoder.config, "use_cache"):
+                encoder.config.use_cache = False  # an encoder has no cache; said here so transformers need not warn
+            enable({"use_reentrant": False})
+        elif getattr(encoder, "is_gradient_checkpointing", False):
+            disable()
+
     def text_side(self) -> list[nn.Module]:
         """GM-Coord's text side: text tower, text projection, text-stream fusion layers."""
         return [self.text, self.text_proj, self.fusion.text_layers]

@@ -48,9 +48,11 @@ class EMATeacher(nn.Module):
         student_params = list(student.parameters())
         if len(teacher_params) != len(student_params):
             raise RuntimeError("EMA teacher and student have different parameter lists")
-        torch._foreach_mul_(teacher_params, self.momentum)
         student_values = [s.detach().to(t.dtype) for t, s in zip(teacher_params, student_params)]
-        torch._foreach_add_(teacher_params, student_values, alpha=1.0 - self.momentum)
+        # theta_t + (1 - m) * (theta_s - theta_t) = m * theta_t + (1 - m) * theta_s in one multi-tensor kernel
+        # per group of tensors: the update torch.optim.swa_utils.get_ema_multi_avg_fn makes. AveragedModel itself
+        # is not used: the teacher must stay in eval mode, copy buffers and keep its state-dict names.
+        torch._foreach_lerp_(teacher_params, student_values, 1.0 - self.momentum)
         for teacher_buffer, student_buffer in zip(self.module.buffers(), student.buffers()):
             teacher_buffer.copy_(student_buffer)
 

@@ -8,8 +8,10 @@ what they use.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from umd_lightning.models.config import FusionConfig
 
@@ -125,6 +127,8 @@ class FusionEncoder(nn.Module):
         super().__init__()
         self.text_layers = nn.ModuleList(CoAttentionLayer(cfg) for _ in range(cfg.layers))
         self.image_layers = nn.ModuleList(CoAttentionLayer(cfg) for _ in range(cfg.layers))
+        self.gradient_checkpointing = False
+        """Recompute each layer pair's activations in the backward pass (set by the backbone)."""
 
     def forward(
         self, text: Tensor, image: Tensor, text_mask: Tensor, image_mask: Tensor | None = None
@@ -143,11 +147,25 @@ class FusionEncoder(nn.Module):
         text_mask = text_mask.bool()
         text_outputs: list[Tensor] = []
         image_outputs: list[Tensor] = []
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for text_layer, image_layer in zip(self.text_layers, self.image_layers, strict=True):
-            text, image = (
-                text_layer(text, image, text_mask, image_mask),
-                image_layer(image, text, image_mask, text_mask),
-            )
+            if recompute:
+                text, image = checkpoint(_layer_pair, text_layer, image_layer, text, image, text_mask, image_mask,
+                                         use_reentrant=False)  # fmt: skip
+            else:
+                text, image = _layer_pair(text_layer, image_layer, text, image, text_mask, image_mask)
             text_outputs.append(text)
             image_outputs.append(image)
         return text_outputs, image_outputs
+
+
+def _layer_pair(
+    text_layer: CoAttentionLayer,
+    image_layer: CoAttentionLayer,
+    text: Tensor,
+    image: Tensor,
+    text_mask: Tensor,
+    image_mask: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Both streams through one fusion layer, each attending to the other's input to that layer."""
+    return text_layer(text, image, text_mask, image_mask), image_layer(image, text, image_mask, text_mask)

@@ -11,6 +11,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from umd_lightning.models.config import VisionConfig
 from umd_lightning.weights import read_state_dict
@@ -60,6 +61,8 @@ class VisionTower(nn.Module):
         self.width: int = self.vit.embed_dim
         self.patch_size: int = cfg.patch_size
         self.num_prefix_tokens: int = 0 if self.vit.no_embed_class else self.vit.num_prefix_tokens
+        self.gradient_checkpointing = False
+        """Recompute each block's activations in the backward pass (set by the backbone)."""
         if cfg.pretrained_path:
             self.load_pretrained(cfg.pretrained_path)
 
@@ -131,5 +134,9 @@ class VisionTower(nn.Module):
         cls = (vit.cls_token + cls_pos).expand(patches.shape[0], -1, -1)
         tokens = vit.pos_drop(torch.cat([cls, patches], dim=1))
         tokens = vit.norm_pre(tokens)
-        tokens = vit.blocks(tokens)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            for block in vit.blocks:
+                tokens = checkpoint(block, tokens, use_reentrant=False)
+        else:
+            tokens = vit.blocks(tokens)
         return vit.norm(tokens)

@@ -26,6 +26,8 @@ from umd_lightning.runs import resolve_pretrained
 from umd_lightning.weights import load_checkpoint_file
 
 Schedule = Literal["linear", "cosine"]
+OptimizerKernel = Literal["auto", "fused", "foreach", "for_loop"]
+OPTIMIZER_KERNELS = ("auto", "fused", "foreach", "for_loop")
 
 log = logging.getLogger("umd_lightning")
 
@@ -86,6 +88,14 @@ class UMDStage(pl.LightningModule):
         warmup_ratio: fraction of the optimiser steps spent warming up.
         schedule: decay after warm-up, ``linear`` or ``cosine``.
         pretrained: a previous stage's checkpoint to start from (``--ckpt_path`` is only for resuming).
+        optimizer_kernel: how AdamW runs its update: ``fused`` (one kernel per group on CPU and CUDA), ``foreach``
+            (multi-tensor ops), ``for_loop`` (one parameter at a time, the reference's), or ``auto``: fused where
+            every parameter is a floating-point tensor on the CPU or a CUDA device, else foreach. The three give
+            the same update up to rounding.
+        compile: ``torch.compile`` the backbone in place (``nn.Module.compile``: state-dict keys are unchanged);
+            the first steps are slower while it compiles.
+        gradient_checkpointing: recompute the towers' and fusion layers' activations in the backward pass instead
+            of keeping them (less memory, more time), for ``base`` on small GPUs.
     """
 
     stage_name: str = "base"
@@ -107,15 +117,25 @@ class UMDStage(pl.LightningModule):
         warmup_ratio: float = 0.1,
         schedule: Schedule = "linear",
         pretrained: str | None = None,
+        optimizer_kernel: OptimizerKernel = "auto",
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if optimizer_kernel not in OPTIMIZER_KERNELS:
+            raise StageError(
+                f"model.init_args.optimizer_kernel={optimizer_kernel!r}: choose from {', '.join(OPTIMIZER_KERNELS)}"
+            )
         check_range("model.init_args.lr", lr, low=0.0, low_open=True)
         check_range("model.init_args.warmup_ratio", warmup_ratio, low=0.0, high=1.0)
         check_range("model.init_args.weight_decay", weight_decay, low=0.0)
         self.backbone_config = self.make_backbone_config(preset, backbone_overrides, text_model, image_size)
         self.backbone = UMDBackbone(self.backbone_config)
+        if gradient_checkpointing:
+            self.backbone.set_gradient_checkpointing(True)
         self._pretrained_loaded = False
+        self._compiled = False
 
     @staticmethod
     def make_backbone_config(
@@ -139,7 +159,10 @@ class UMDStage(pl.LightningModule):
         return cfg
 
     def setup(self, stage: str) -> None:
-        """Check what the model and the data must agree on before any step runs."""
+        """Check what the model and the data must agree on before any step runs; compile when asked."""
+        if self.hparams.get("compile") and not self._compiled:
+            self.compile_modules()
+            self._compiled = True
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         max_length = getattr(datamodule, "max_text_length", None)
         limit = self.backbone.text.max_positions
@@ -184,9 +207,26 @@ class UMDStage(pl.LightningModule):
             group["params"].append(param)
         return list(groups.values())
 
+    def compile_modules(self) -> None:
+        """``torch.compile`` the backbone in place (subclasses add their other large modules)."""
+        self.backbone.compile()
+
+    def make_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over :meth:`parameter_groups` with the kernel ``optimizer_kernel`` chooses (the parameters must
+        be on their device already, as they are when Lightning calls ``configure_optimizers``)."""
+        hp = self.hparams
+        groups = self.parameter_groups()
+        kernel = hp.get("optimizer_kernel", "auto")
+        if kernel == "auto":
+            params = [p for group in groups for p in group["params"]]
+            fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+            kernel = "fused" if fusable else "foreach"
+        options = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[kernel]
+        return torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, **options)
+
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameter_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        optimizer = self.make_optimizer()
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, hp.warmup_ratio, hp.schedule))
         # "name" makes LearningRateMonitor (added by the CLI) log each group as lr/<group name>.
@@ -323,6 +363,13 @@ class UMDStage(pl.LightningModule):
         Raises:
             NonFiniteLossError: with the global step and the first non-finite term.
         """
+        if not terms:
+            return
+        # One host synchronisation for all the terms (a per-term check would wait on the device once per term);
+        # the terms are only looked at one by one when something is wrong.
+        stacked = torch.stack([value.detach().float().reshape(-1).sum() for value in terms.values()])
+        if bool(torch.isfinite(stacked).all()):
+            return
         for name, value in terms.items():
             if not torch.isfinite(value.detach()).all():
                 raise NonFiniteLossError(

@@ -170,6 +170,11 @@ class ReconstructionStage(UMDStage):
         if self.teacher is not None and self.trainer.ckpt_path is None:
             self.teacher.copy_from(self.backbone)
 
+    def compile_modules(self) -> None:
+        super().compile_modules()
+        if self.teacher is not None:
+            self.teacher.module.compile()
+
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.teacher is not None:

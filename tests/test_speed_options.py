@@ -1,0 +1,124 @@
+"""The step's speed options compute what the plain step computes: AdamW's three kernels give the same update,
+gradient checkpointing the same loss and gradients (and really recomputes), ``compile`` the same outputs; the NaN
+guard still names the bad term; the step benchmark runs (smoke test on ``tiny``: it is not a timing test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain_stage import make_batch
+
+from umd_lightning.stages import MRPretrain, NonFiniteLossError, StageError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(**kwargs) -> MRPretrain:
+    torch.manual_seed(0)
+    return MRPretrain(preset="tiny", text_model="minilm", **kwargs)
+
+
+def one_step(model: MRPretrain) -> dict[str, torch.Tensor]:
+    optimizer = model.make_optimizer()
+    generator = torch.Generator().manual_seed(5)
+    loss = model.reconstruction_losses(make_batch(), generator)[0]["loss"]
+    loss.backward()
+    optimizer.step()
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_adamw_kernels_give_the_same_update_and_auto_fuses_on_cpu() -> None:
+    after = {kernel: one_step(tiny(optimizer_kernel=kernel, lr=1e-3)) for kernel in ("fused", "foreach", "for_loop")}
+    before = {name: p.detach() for name, p in tiny().named_parameters() if p.requires_grad}
+    moved = [name for name in before if not torch.equal(before[name], after["for_loop"][name])]
+    assert len(moved) > 0.9 * len(before)  # the step changed (nearly) every parameter
+    for kernel in ("fused", "foreach"):
+        for name, value in after["for_loop"].items():
+            torch.testing.assert_close(after[kernel][name], value, rtol=1e-5, atol=1e-7, msg=f"{kernel}: {name}")
+    groups = tiny().make_optimizer().param_groups
+    assert all(group["fused"] for group in groups)
+    assert {group["weight_decay"] for group in groups} == {0.0, 0.01}  # decay / no-decay groups survive
+    with pytest.raises(StageError, match=r"optimizer_kernel='fast': choose from auto, fused, foreach, for_loop"):
+        tiny(optimizer_kernel="fast")
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients() -> None:
+    results = {}
+    for enabled in (False, True):
+        model = tiny(gradient_checkpointing=enabled)
+        model.train()
+        calls = {"vit block": 0, "fusion layer": 0, "text layer": 0}
+        counted = {
+            "vit block": model.backbone.vision.vit.blocks[0],
+            "fusion layer": model.backbone.fusion.image_layers[0],
+            "text layer": model.backbone.text.encoder.encoder.layer[0].attention,  # HF checkpoints forward()
+        }
+        # Pre-hooks: a recomputation stops as soon as it has what backward needs, before a forward hook would run.
+        for name, module in counted.items():
+            module.register_forward_pre_hook(
+                lambda *_, name=name, calls=calls: calls.__setitem__(name, calls[name] + 1)
+            )
+        loss = model.reconstruction_losses(make_batch(), torch.Generator().manual_seed(5))[0]["loss"]
+        forward_calls = dict(calls)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[enabled] = (loss.detach(), grads, forward_calls, dict(calls))
+    (loss_off, grads_off, forward_off, calls_off), (loss_on, grads_on, forward_on, calls_on) = (
+        results[False],
+        results[True],
+    )
+    torch.testing.assert_close(loss_on, loss_off)
+    assert grads_on.keys() == grads_off.keys()
+    for name in grads_off:
+        torch.testing.assert_close(grads_on[name], grads_off[name], rtol=1e-4, atol=1e-6, msg=name)
+    # Without checkpointing nothing runs again in backward; with it, every student pass's layers run twice
+    # (the EMA teacher's pass takes no gradient and is not recomputed).
+    assert calls_off == forward_off and forward_on == forward_off
+    assert all(calls_on[name] > forward_on[name] for name in calls_on), (forward_on, calls_on)
+
+
+@pytest.mark.slow
+def test_compile_keeps_outputs_and_state_dict_keys() -> None:
+    eager = tiny()
+    compiled = tiny(compile=True)
+    keys = list(compiled.state_dict())
+    compiled.setup("fit")
+    assert list(compiled.state_dict()) == keys  # nn.Module.compile: in place, no `_orig_mod.` prefix
+    batch = make_batch()
+    eager.eval(), compiled.eval()
+    with torch.no_grad():
+        want = eager.backbone(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooled
+        got = compiled.backbone(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooled
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_guard_names_the_first_bad_term() -> None:
+    model = tiny()
+    model.check_finite({"mim": torch.tensor(0.5), "itm": torch.tensor(1.0)})  # all finite: nothing
+    terms = {"mim": torch.tensor(0.5), "mlm": torch.tensor(float("inf")), "itm": torch.tensor(float("nan"))}
+    with pytest.raises(NonFiniteLossError, match=r"loss term 'mlm' is inf at global step 0"):
+        model.check_finite(terms)
+
+
+def test_step_benchmark_runs_both_stages_and_the_comparison(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "results.json"
+    command = [sys.executable, str(REPO / "benchmarks" / "step.py"), "--presets", "tiny", "--repeats", "1"]
+    command += ["--warmup", "1", "--batch", "2", "--length", "8", "--json", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = json.loads(out.read_text())
+    assert result["kernel"] == "fused" and result["flops"] > 0 and 0 < result["mfu"] < 1
+    assert set(result["parts"]) == {"forward + losses", "backward", "AdamW", "EMA"}
+    assert "MFU" in done.stdout and "teacher pass (forward alone)" in done.stdout
+    command += ["--stage", "finetune", "--compare", str(REPO / "src"), "--rounds", "1"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GM-Coord" in done.stdout and "after / before:" in done.stdout
+    assert len(json.loads(out.read_text())) == 2
