@@ -193,9 +193,9 @@ def build(args: argparse.Namespace, device: torch.device):
         model = MRPretrain(preset=args.preset, image_size=args.image_size, **options).to(device)
         model.teacher.copy_from(model.backbone)
     else:
-        model = FineTune(
-            preset=args.preset, image_size=args.image_size, task="vqa", num_outputs=458, **options
-        ).to(device)
+        model = FineTune(preset=args.preset, image_size=args.image_size, task="vqa", num_outputs=458, **options).to(
+            device
+        )
     if args.compile:
         model.compile_modules()
     model.train()
