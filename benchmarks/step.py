@@ -108,6 +108,56 @@ def with_mlm(texts: dict[str, torch.Tensor], mask_id: int) -> dict[str, torch.Te
 
 
 # ------------------------------------------------------------------------------------------------ one run
+def run_components(args: argparse.Namespace) -> dict[str, Any]:
+    """The step's overheads alone, each repeated ``--repeats`` x 3 times on the real parameters and gradients of
+    one MR-Pretrain step: AdamW's update, the EMA update, the NaN guard over the step's loss terms and GM-Coord's
+    rescaling with noise of the two sides. The minimum is the figure to compare (it is what load cannot add to)."""
+    from umd_lightning.callbacks import gm_coord as G
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    args.stage = "pretrain"
+    model, _ = build(args, device)
+    from umd_lightning.models.text import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    size = model.backbone_config.image_size
+    (text,) = text_batches("fixed", tokenizer, args.batch, args.length, 1)
+    batch = {"pixel_values": torch.randn(args.batch, 3, size, size), **with_mlm(text, tokenizer.mask_token_id)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    terms, _ = model.reconstruction_losses(batch)
+    terms["loss"].backward()
+    optimizer = model._bench_optimizer
+    sides = (
+        {name: G._unique_parameters(modules) for name, modules in model.gm_coord_modalities().items()}
+        if hasattr(model, "gm_coord_modalities")
+        else {"text": list(model.backbone.text.parameters()), "image": list(model.backbone.vision.parameters())}
+    )
+    generator = G.noise_generator(0, 0, device)
+    k = torch.tensor(0.9, device=device)
+    parts = {
+        "AdamW step": optimizer.step,
+        "EMA update": lambda: model.teacher.update(model.backbone),
+        "NaN guard": lambda: model.check_finite({name: value.detach() for name, value in terms.items()}),
+        "GM-Coord rescale + noise": lambda: (
+            G.rescale_(sides["text"], k, True, 1.0, generator),
+            G.rescale_(sides["image"], k, True, 1.0, generator),
+        ),
+    }
+    out: dict[str, Any] = {}
+    for name, fn in parts.items():
+        fn()  # warm-up
+        samples = []
+        for _ in range(3 * args.repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            samples.append(time.perf_counter() - start)
+        out[name] = {"min": min(samples), "median": statistics.median(samples)}
+    return {"preset": args.preset, "kernel": model._bench_kernel, "components": out}
+
+
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     from umd_lightning.models.text import load_tokenizer
 
@@ -205,6 +255,7 @@ def build(args: argparse.Namespace, device: torch.device):
         optimizer = model.make_optimizer()
     else:
         optimizer = torch.optim.AdamW(model.parameter_groups(), lr=1e-5, betas=(0.9, 0.98), eps=1e-8)
+    model._bench_optimizer = optimizer
     group = optimizer.param_groups[0]
     model._bench_kernel = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for_loop"
     gm = gm_coord_for(model) if args.stage == "finetune" else None
@@ -331,6 +382,8 @@ def child(src: Path, config: list[str], args: argparse.Namespace) -> dict[str, A
         command.append("--compile")
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
+    if getattr(args, "components", False):
+        command.append("--components")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("HF_HUB_OFFLINE", "1")
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -352,6 +405,33 @@ def measure(preset: str, precision: str, texts: str = "fixed", src: Path | None 
     args = argparse.Namespace(**{**defaults, **options})
     config = ["--preset", preset, "--precision", precision, "--text-mode", texts]
     return child(src or REPO / "src", config, args)
+
+
+def components_table(args: argparse.Namespace) -> None:
+    """``--components``: each overhead alone, this checkout (and ``--compare``'s), interleaved over rounds."""
+    sources = [("after" if args.compare else "this", REPO / "src")]
+    if args.compare:
+        sources.insert(0, ("before", args.compare))
+    for preset in args.presets:
+        best: dict[str, dict[str, float]] = {}
+        kernels = {}
+        for _ in range(args.rounds if args.compare else 1):
+            for label, src in sources:
+                result = child(src, ["--preset", preset, "--precision", "fp32", "--text-mode", "fixed"], args)
+                kernels[label] = result["kernel"]
+                for name, times in result["components"].items():
+                    key = best.setdefault(name, {})
+                    key[label] = min(key.get(label, float("inf")), times["min"])
+        labels = [label for label, _ in sources]
+        print(
+            f"\n{preset}: minimum ms over {3 * args.repeats} repeats"
+            + (f" x {args.rounds} rounds" if args.compare else "")
+        )
+        print(f"  {'part':28s}" + "".join(f"{label + ' (' + kernels[label] + ')':>22s}" for label in labels))
+        for name, values in best.items():
+            row = "".join(f"{1000 * values[label]:22.1f}" for label in labels)
+            ratio = f"   {values['before'] / values['after']:.1f}x" if args.compare else ""
+            print(f"  {name:28s}{row}{ratio}")
 
 
 def show(result: dict[str, Any], label: str = "") -> str:
@@ -388,6 +468,9 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, default=None, help="another checkout's src/ to compare with")
     parser.add_argument("--rounds", type=int, default=2, help="alternations per configuration with --compare")
     parser.add_argument("--json", type=Path, default=None, help="also write every result here")
+    parser.add_argument(
+        "--components", action="store_true", help="time AdamW, EMA, the NaN guard and GM-Coord alone (min of many)"
+    )
     # one configuration in this process (what the driver runs)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
@@ -397,7 +480,10 @@ def main() -> None:
     if args.one:
         args.texts = args.text_mode
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        print(json.dumps(run_one(args)))
+        print(json.dumps(run_components(args) if args.components else run_one(args)))
+        return
+    if args.components:
+        components_table(args)
         return
     if args.repeats < 1 or args.warmup < 1:
         raise SystemExit("--repeats and --warmup must be at least 1 (the issue's figures use 8 and 2)")
