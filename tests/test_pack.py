@@ -179,6 +179,8 @@ def test_pack_command_errors_and_skips(tmp_path: Path, capsys: pytest.CaptureFix
     assert "packs pre-training sources" in capsys.readouterr().err
     assert pack_main(["--config", str(config), "--out", str(tmp_path / "x"), "--split", "val"]) == 2
     assert "--split takes train" in capsys.readouterr().err
+    assert pack_main(["--config", str(config), "--out", str(tmp_path / "x"), "--chunk_bytes", "64"]) == 2
+    assert "give a size with its unit" in capsys.readouterr().err
 
 
 @pytest.mark.slow

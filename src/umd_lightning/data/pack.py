@@ -28,6 +28,7 @@ import copy
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -225,6 +226,8 @@ def pack(
         raise ConfigError(f"--encoding {encoding!r}: choose one of {', '.join(ENCODINGS)}")
     check_range("--jpeg_quality", jpeg_quality, low=1, high=100)
     check_range("--workers", workers, low=0)
+    if not re.fullmatch(r"\d+(\.\d+)?[kmgt]?b", chunk_bytes.strip().lower()):
+        raise ConfigError(f"--chunk_bytes {chunk_bytes!r}: give a size with its unit, e.g. 64MB or 1GB")
     unknown = [split for split in splits if split not in PACK_SPLITS]
     if unknown or "train" not in splits:
         raise ConfigError(f"--split takes train and any of val,test (comma-separated), got {','.join(splits)}")
