@@ -184,6 +184,11 @@ def test_unreadable_annotation_file_is_a_problem(tmp_path, capsys, folder, class
             ("--split", "train,dev"),
             "--split takes a comma-separated subset of train,val,test",
         ),
+        (
+            {"class_path": "umd_lightning.data.PackedPretrainDataModule", "init_args": {"pack": "packs/x"}},
+            (),
+            "reads the pack packs/x, which umd data pack checked when it wrote it",
+        ),
     ],
 )
 def test_configuration_errors_exit_2_with_one_line(tmp_path, capsys, content, argv, message):

@@ -2,9 +2,10 @@
 weights of an uninterrupted run (EMA teacher and GM-Coord state included), and a crash while a checkpoint is
 being written leaves the previous ``last.ckpt`` whole.
 
-The runs go through ``python -m umd_lightning fit`` in subprocesses on the committed fixtures; the crash is a
-real ``SIGKILL`` sent by :class:`KillAtStep` (imported by the subprocess from this file) right before a given
-optimiser step, so the work since the last checkpoint is lost and must be redone identically.
+The runs go through ``python -m umd_lightning fit`` in subprocesses on the committed fixtures (and on a pack of the
+pre-training one, which must resume the same way); the crash is a real ``SIGKILL`` sent by :class:`KillAtStep`
+(imported by the subprocess from this file) right before a given optimiser step, so the work since the last
+checkpoint is lost and must be redone identically.
 """
 
 from __future__ import annotations
@@ -55,6 +56,18 @@ def pretrain_config(root: Path) -> dict[str, Any]:
             },
         },
     }
+
+
+def packed_config(root: Path) -> dict[str, Any]:
+    """MR-Pretrain on a pack of the same fixture (``umd data pack``, written once per test)."""
+    from umd_lightning.data.pack import pack
+
+    raw = pretrain_config(root)
+    if not (root / "pack").is_dir():
+        (root / "source.yaml").write_text(yaml.safe_dump({"data": raw["data"]}))
+        pack(str(root / "source.yaml"), root / "pack")
+    init_args = {"pack": str(root / "pack"), "image_size": 32, "batch_size": 2, "num_workers": 0}
+    return {**raw, "data": {"class_path": "umd_lightning.data.PackedPretrainDataModule", "init_args": init_args}}
 
 
 def finetune_config(root: Path) -> dict[str, Any]:
@@ -137,9 +150,9 @@ def assert_same_training_state(resumed: dict[str, Any], uninterrupted: dict[str,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+@pytest.mark.parametrize("stage", ["pretrain", "packed", "finetune"])
 def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, stage: str) -> None:
-    make = pretrain_config if stage == "pretrain" else finetune_config
+    make = {"pretrain": pretrain_config, "packed": packed_config, "finetune": finetune_config}[stage]
     reference = umd_fit(write_config(tmp_path / "reference", make(tmp_path), kill_at=None))
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -150,7 +163,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, stage: 
     interrupted_at = load(last)
     assert interrupted_at["global_step"] == KILL_AT - KILL_AT % EVERY
     loader_state = interrupted_at["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert loader_state["batches"] == 4 if stage == "pretrain" else loader_state["batches"] > 0
+    assert loader_state["batches"] == 4 if stage != "finetune" else loader_state["batches"] > 0
 
     resumed_config = write_config(tmp_path / "crashed", make(tmp_path), kill_at=None)
     assert resumed_config == crashed_config
@@ -160,7 +173,7 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, stage: 
 
     final, expected = load(last), load(tmp_path / "reference" / "ckpt" / "last.ckpt")
     assert_same_training_state(final, expected)
-    if stage == "pretrain":
+    if stage != "finetune":
         assert any(name.startswith("teacher.") for name in final["state_dict"])
     else:
         gm_state = next(v for k, v in final["callbacks"].items() if k.startswith("GMCoord"))

@@ -260,6 +260,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> UMDCLI:
 
 OTHER_COMMANDS = """other commands:
   umd data check --config <yaml> [--data.*]  scan a config's data without training (umd data check --help)
+  umd data pack --config <yaml> --out DIR    pre-resized litdata shards of its sources (umd data pack --help)
   umd convert IN OUT                         the authors' checkpoints onto ours (umd convert --help)
   umd serve EXPORT_FOLDER                    a local web app on an exported model (umd serve --help)
   umd predict --explain ...                  also write explanation maps beside the predictions
@@ -279,6 +280,7 @@ def main(args: list[str] | None = None) -> None:
     143 / 130 after saving ``last.ckpt``.
 
     ``umd data check --config <yaml>`` scans a configuration's data without training (see ``data/check.py``);
+    ``umd data pack`` writes a pre-training config's sources as pre-resized shards (see ``data/pack.py``);
     ``umd convert`` converts a checkpoint of the authors' code (see ``convert.py``); ``umd experiment run`` /
     ``report`` runs a grid of stage runs and reports it (see ``experiment/``).
     """
@@ -290,6 +292,10 @@ def main(args: list[str] | None = None) -> None:
         from umd_lightning.data.check import main as check_main
 
         raise SystemExit(check_main(argv[2:]))
+    if argv[:2] == ["data", "pack"]:
+        from umd_lightning.data.pack import main as pack_main
+
+        raise SystemExit(pack_main(argv[2:]))
     if argv[:1] == ["experiment"]:
         from umd_lightning.experiment.command import main as experiment_main
 

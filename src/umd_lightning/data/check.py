@@ -32,7 +32,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 
 from umd_lightning.data.common import SPLITS
-from umd_lightning.data.datamodule import PretrainDataModule
+from umd_lightning.data.datamodule import PackedPretrainDataModule, PretrainDataModule
 from umd_lightning.data.datamodules import DownstreamDataModule, VQADataModule
 from umd_lightning.data.pretrain import build_pretrain_dataset
 from umd_lightning.data.scan import ScanReport
@@ -276,7 +276,14 @@ def run(config: str, splits: Sequence[str], scan: str, overrides: Sequence[str] 
     Raises:
         ConfigError: see :func:`build_datamodule` and :func:`scan_split`.
     """
-    section = forced_section(with_overrides(read_data_section(config), overrides), scan)
+    data = with_overrides(read_data_section(config), overrides)
+    if str(data.get("class_path", "")).rpartition(".")[2] == PackedPretrainDataModule.__name__:
+        pack = (data.get("init_args") or {}).get("pack")
+        raise ConfigError(
+            f"{config} reads the pack {pack}, which umd data pack checked when it wrote it (its manifest.json lists "
+            "what was left out) and every run checks when it opens it: check the config it was packed from instead"
+        )
+    section = forced_section(data, scan)
     print(f"umd data check: {section['class_path']} from {config} (scan {scan}, splits {','.join(splits)})")
     try:
         datamodule = build_datamodule(section)

@@ -1,4 +1,6 @@
-"""The pre-training DataModule: which sources, which splits, how many workers; nothing else (STYLE.md 8)."""
+"""The pre-training DataModules: which sources (or which pack), which splits, how many workers; nothing else
+(STYLE.md 8). ``PretrainDataModule`` reads the publishers' files, ``PackedPretrainDataModule`` a pack that
+``umd data pack`` wrote from them; both give the same batches (same collate, masks, order and resume)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,15 @@ from functools import cached_property
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from umd_lightning.data.collate import PretrainCollator
 from umd_lightning.data.common import OnError
+from umd_lightning.data.packed import Manifest, PackedPairs, open_pack
 from umd_lightning.data.pretrain import PretrainConcatDataset, SourceSpec, build_pretrain_datasets
 from umd_lightning.data.sampler import check_loader_options, make_loader
-from umd_lightning.data.scan import ScanMode, require_samples
+from umd_lightning.data.scan import ScanMode, ScanReport, require_samples
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.errors import ConfigError
 from umd_lightning.models.text import load_tokenizer
@@ -24,7 +27,107 @@ from umd_lightning.seeds import run_seed
 log = logging.getLogger(__name__)
 
 
-class PretrainDataModule(LightningDataModule):
+class _PairsDataModule(LightningDataModule):
+    """What both pre-training DataModules share: the text and loader options, the set-up of the splits, the
+    collate and the loaders. A subclass says how a split is built (``_build``) and where its data is (``_where``).
+    """
+
+    val_split = "val"
+
+    def __init__(
+        self,
+        tokenizer: str,
+        image_size: int,
+        max_text_length: int,
+        mask_ratio_text: float,
+        batch_size: int,
+        num_workers: int,
+        seed: int | None,
+    ) -> None:
+        super().__init__()
+        check_loader_options(batch_size, num_workers, max_text_length, mask_ratio_text, image_size)
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.max_text_length = max_text_length
+        self.mask_ratio_text = mask_ratio_text
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    @cached_property
+    def text_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The loaded fast tokenizer named by ``tokenizer`` (:func:`~umd_lightning.models.text.load_tokenizer`)."""
+        return load_tokenizer(self.tokenizer)
+
+    def _build(self, split: str, train: bool) -> Dataset:
+        raise NotImplementedError
+
+    def _where(self) -> str:
+        raise NotImplementedError
+
+    @staticmethod
+    def _reports(dataset: Dataset) -> list[ScanReport]:
+        return list(getattr(dataset, "reports", []))
+
+    def setup(self, stage: str) -> None:
+        """Build the splits a stage needs and print their scan reports.
+
+        ``fit``: train and validation; ``validate``: validation; ``test`` and ``predict``: test.
+        """
+        if stage == "fit" and self.train_dataset is None:
+            self.train_dataset = self._build("train", train=True)
+            # Training on nothing would end "successfully" with no checkpoint: stop with the scan's counts.
+            count = len(self.train_dataset)  # type: ignore[arg-type]
+            require_samples(count, self._reports(self.train_dataset), where=self._where(), split="train")
+            if count < self.batch_size:
+                raise ConfigError(
+                    f"the train split has {count} pairs, fewer than data.init_args.batch_size="
+                    f"{self.batch_size}: with drop_last no batch would be produced; lower the batch size"
+                )
+        if stage in ("fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._build(self.val_split, train=False)
+        if stage in ("test", "predict") and self.test_dataset is None:
+            self.test_dataset = self._build("test", train=False)
+
+    def _collator(self, train: bool) -> PretrainCollator:
+        return PretrainCollator(
+            self.text_tokenizer,
+            max_length=self.max_text_length,
+            mask_ratio_text=self.mask_ratio_text,
+            seed=run_seed(self.seed),
+            fixed_masks=not train,
+        )
+
+    def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"the {split} split is not built: call setup() with the matching stage first")
+        return make_loader(
+            dataset,
+            train=train,
+            seed=run_seed(self.seed),
+            batch_size=self.batch_size,
+            drop_last=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=self._collator(train),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches, the last incomplete one dropped (every step sees ``batch_size`` pairs)."""
+        return self._loader(self.train_dataset, "train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, self.val_split, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, "test", train=False)
+
+
+class PretrainDataModule(_PairsDataModule):
     """Image-text pairs from one or more sources, tokenised and whole-word masked (MR-Pretrain, TD-Calib).
 
     Batches are the dicts of ``PretrainCollator`` (``pixel_values``, ``input_ids``, ``attention_mask``,
@@ -62,29 +165,16 @@ class PretrainDataModule(LightningDataModule):
         val_split: str = "val",
         seed: int | None = None,
     ) -> None:
-        super().__init__()
         if not sources:
             raise ConfigError("PretrainDataModule needs at least one source (data.init_args.sources)")
-        check_loader_options(batch_size, num_workers, max_text_length, mask_ratio_text, image_size)
+        super().__init__(tokenizer, image_size, max_text_length, mask_ratio_text, batch_size, num_workers, seed)
         self.sources = [SourceSpec(**source) if isinstance(source, dict) else source for source in sources]
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.max_text_length = max_text_length
-        self.mask_ratio_text = mask_ratio_text
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.on_error: OnError = on_error
         self.scan: ScanMode = scan
         self.val_split = val_split
-        self.seed = seed
-        self.train_dataset: PretrainConcatDataset | None = None
-        self.val_dataset: PretrainConcatDataset | None = None
-        self.test_dataset: PretrainConcatDataset | None = None
 
-    @cached_property
-    def text_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The loaded fast tokenizer named by ``tokenizer`` (:func:`~umd_lightning.models.text.load_tokenizer`)."""
-        return load_tokenizer(self.tokenizer)
+    def _where(self) -> str:
+        return ", ".join(source.root for source in self.sources)
 
     def _build(self, split: str, train: bool) -> PretrainConcatDataset:
         dataset = build_pretrain_datasets(
@@ -99,56 +189,54 @@ class PretrainDataModule(LightningDataModule):
         rank_zero_info(f"{split}: {len(dataset)} image-text pairs from {len(dataset.reports)} source(s)")
         return dataset
 
-    def setup(self, stage: str) -> None:
-        """Build the splits a stage needs and print their scan reports.
 
-        ``fit``: train and validation; ``validate``: validation; ``test`` and ``predict``: test.
-        """
-        if stage == "fit" and self.train_dataset is None:
-            self.train_dataset = self._build("train", train=True)
-            # Training on nothing would end "successfully" with no checkpoint: stop with the scan's counts.
-            where = ", ".join(source.root for source in self.sources)
-            require_samples(len(self.train_dataset), self.train_dataset.reports, where=where, split="train")
-            if len(self.train_dataset) < self.batch_size:
-                raise ConfigError(
-                    f"the train split has {len(self.train_dataset)} pairs, fewer than data.init_args.batch_size="
-                    f"{self.batch_size}: with drop_last no batch would be produced; lower the batch size"
-                )
-        if stage in ("fit", "validate") and self.val_dataset is None:
-            self.val_dataset = self._build(self.val_split, train=False)
-        if stage in ("test", "predict") and self.test_dataset is None:
-            self.test_dataset = self._build("test", train=False)
+class PackedPretrainDataModule(_PairsDataModule):
+    """The pairs of a pack written by ``umd data pack`` (pre-resized images in litdata shards), batched exactly as
+    ``PretrainDataModule`` batches the sources it was packed from.
 
-    def _collator(self, train: bool) -> PretrainCollator:
-        return PretrainCollator(
-            self.text_tokenizer,
-            max_length=self.max_text_length,
-            mask_ratio_text=self.mask_ratio_text,
-            seed=run_seed(self.seed),
-            fixed_masks=not train,
-        )
+    Same records, texts, order, collate and text masks, split across DDP ranks by the same sampler (disjoint
+    shards of each epoch's permutation), resumed mid-epoch from a checkpoint the same way; a lossless pack
+    (``png`` / ``raw``) gives the raw path's batches bit for bit. Only the image decoding and resizing are gone.
+    The pack holds texts, not tokens, so any tokenizer can read it.
 
-    def _loader(self, dataset: PretrainConcatDataset | None, split: str, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"the {split} split is not built: call setup() with the matching stage first")
-        return make_loader(
-            dataset,
-            train=train,
-            seed=run_seed(self.seed),
-            batch_size=self.batch_size,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=self._collator(train),
-        )
+    Args:
+        pack: the folder ``umd data pack --out`` wrote (its ``manifest.json`` and ``train`` / ``val`` / ``test``
+            shards); checked when the DataModule is built.
+        tokenizer: tokenizer name or local folder, as for ``PretrainDataModule``.
+        image_size: side of the square images given to the model: must be the pack's (re-pack for another).
+        max_text_length: texts are truncated to this many tokens.
+        mask_ratio_text: fraction of each text's tokens to mask, whole words at a time.
+        batch_size: samples per batch (per process).
+        num_workers: DataLoader worker processes; 0 loads in the main process.
+        seed: seed of the data order, the augmentation and the text masks; ``None`` takes the run's
+            ``seed_everything``.
+    """
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled batches, the last incomplete one dropped (every step sees ``batch_size`` pairs)."""
-        return self._loader(self.train_dataset, "train", train=True)
+    def __init__(
+        self,
+        pack: str,
+        tokenizer: str = "minilm",
+        image_size: int = 288,
+        max_text_length: int = 64,
+        mask_ratio_text: float = 0.15,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(tokenizer, image_size, max_text_length, mask_ratio_text, batch_size, num_workers, seed)
+        self.pack = pack
+        self.manifest: Manifest = open_pack(pack)
+        if self.manifest.image_size != image_size:
+            raise ConfigError(
+                f"the pack {pack} holds {self.manifest.image_size} px images but data.init_args.image_size is "
+                f"{image_size} (the model's image size): set image_size {self.manifest.image_size}, or re-pack "
+                f"with umd data pack ... --image_size {image_size}"
+            )
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, self.val_split, train=False)
+    def _where(self) -> str:
+        return self.pack
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, "test", train=False)
+    def _build(self, split: str, train: bool) -> PackedPairs:
+        dataset = PackedPairs(self.pack, split, image_transform(self.image_size, train=train), self.manifest)
+        rank_zero_info(dataset.summary())
+        return dataset

@@ -25,6 +25,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def fixed_geometry(image_size: int, train: bool) -> list[v2.Transform]:
+    """The deterministic resize of :func:`image_transform`, the part ``umd data pack`` applies once when it writes a
+    pack: training resizes to ``(image_size, image_size)``, evaluation resizes the shorter side to ``image_size``
+    and crops the centre square. Both leave an ``image_size`` square, on which they are the identity (torchvision
+    returns an image already at the target size unchanged), so a packed image goes through the same
+    ``image_transform`` as a raw one and meets the random crop with the same pixels."""
+    bicubic = InterpolationMode.BICUBIC
+    if train:
+        return [v2.Resize((image_size, image_size), interpolation=bicubic, antialias=True)]
+    return [v2.Resize(image_size, interpolation=bicubic, antialias=True), v2.CenterCrop(image_size)]
+
+
 def image_transform(
     image_size: int,
     train: bool,
@@ -32,7 +44,8 @@ def image_transform(
     std: Sequence[float] = CLIP_STD,
     train_crop_scale: tuple[float, float] = (0.9, 1.0),
 ) -> v2.Compose:
-    """Build the transform from a PIL RGB image to a normalised ``FloatTensor (3, image_size, image_size)``.
+    """Build the transform from a PIL RGB image (or a ``uint8`` tensor ``(3, H, W)``, as a pack stores it) to a
+    normalised ``FloatTensor (3, image_size, image_size)``.
 
     Args:
         image_size: side of the square output in pixels.
@@ -51,17 +64,10 @@ def image_transform(
     low, high = train_crop_scale
     if not 0.0 < low <= high <= 1.0:
         raise ValueError(f"train_crop_scale must satisfy 0 < low <= high <= 1, got {train_crop_scale}")
-    bicubic = InterpolationMode.BICUBIC
+    geometry = fixed_geometry(image_size, train)
     if train:
-        geometry = [
-            v2.Resize((image_size, image_size), interpolation=bicubic, antialias=True),
-            v2.RandomResizedCrop(image_size, scale=train_crop_scale, interpolation=bicubic, antialias=True),
-        ]
-    else:
-        geometry = [
-            v2.Resize(image_size, interpolation=bicubic, antialias=True),
-            v2.CenterCrop(image_size),
-        ]
+        bicubic = InterpolationMode.BICUBIC
+        geometry.append(v2.RandomResizedCrop(image_size, scale=train_crop_scale, interpolation=bicubic, antialias=True))
     return v2.Compose(
         [
             v2.ToImage(),
