@@ -1,10 +1,11 @@
 """The optional image-text contrastive (ITC) head and top-k retrieval evaluation: the InfoNCE value by hand, the
 caption keys, the head's hand-off, top-k re-scoring against exhaustive scoring, top-k keeping a true pair that
-hand-made ITC features rank within k, the set-up errors, the DDP gather's gradients, and a tiny fit + test through
-the shipped retrieval config."""
+hand-made ITC features rank within k, the set-up errors, the DDP gather's gradients, a tiny fit + test through the
+shipped retrieval config, and the benchmark script on tiny."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -354,3 +355,27 @@ def test_tiny_fit_and_test_with_itc_and_topk_through_the_shipped_config(syntheti
     assert protocol["retrieval_eval"] == "topk" and protocol["retrieval_top_k"] == 4 and protocol["pairs"] == 64
     assert 32 <= protocol["pairs_cross_encoded"] <= 64  # each image's 4 captions and each caption's 4 images
     assert {"test/i2t_r1", "test/t2i_r10", "test/rsum"} <= results["metrics"].keys()
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+def test_retrieval_eval_benchmark_runs_on_tiny(synthetic_roco: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("retrieval_eval", REPO / "benchmarks" / "retrieval_eval.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    options = ["--dataset", "roco", "--root", str(synthetic_roco), "--pairs", "8,40", "--ks", "1,100"]
+    options += ["--repeats", "1", "--steps", "2", "--batch-size", "4", "--num-candidates", "4"]
+    options += ["--checkpoint", str(tmp_path / "model.ckpt")]
+    rows = benchmark.main(options)
+    protocols = (("exhaustive", None), ("topk", 1), ("topk", 100), ("itc only", None))
+    assert [(row["pairs"], row["mode"], row["k"]) for row in rows] == [
+        (size, mode, k) for size in (8, 40) for mode, k in protocols
+    ]
+    for size, (exhaustive, top1, top100, itc) in ((8, rows[:4]), (40, rows[4:])):
+        assert exhaustive["fused"] == top100["fused"] == size * size and top100["max_delta"] == 0.0
+        assert size <= top1["fused"] <= 2 * size and itc["fused"] == 0
+        # Top-1 keeps only the ITC's best candidate in each direction: its R@1 is the ITC's own.
+        assert top1["recall"][0] == itc["recall"][0] and top1["recall"][3] == itc["recall"][3]
+    assert rows[0]["source"] == "test split" and rows[4]["source"].startswith("all splits (")
+    # A second run loads the saved model instead of training.
+    again = benchmark.main([*options[:-4], "--pairs", "8", "--ks", "100", "--checkpoint", str(tmp_path / "model.ckpt")])
+    assert again[0]["recall"] == rows[0]["recall"]
