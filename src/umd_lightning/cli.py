@@ -206,8 +206,12 @@ class UMDCLI(LightningCLI):
         notes = evaluation_leaks(self.model, self.datamodule)
         label = "LEAKY: " + "; ".join(notes) if notes else "no leak (no leaky evaluation option is set)"
         results = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.split("/")[0] in ("val", "test")}
+        describe = getattr(self.model, "evaluation_protocol", None)
+        protocol = describe() if callable(describe) else None
         if self.trainer.is_global_zero:
             print(f"[umd] {subcommand} evaluation: {label}")
+            if protocol is not None:
+                print(f"[umd] {subcommand} pairs scored by: {_protocol_line(protocol)}")
             record = {
                 "subcommand": subcommand,
                 "checkpoint": self.config_init[subcommand].get("ckpt_path"),
@@ -216,8 +220,22 @@ class UMDCLI(LightningCLI):
                 "leak_notes": notes,
                 "metrics": results,
             }
+            if protocol is not None:
+                record["evaluation_protocol"] = protocol
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / f"{subcommand}_results.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _protocol_line(protocol: dict[str, Any]) -> str:
+    """One line for a retrieval evaluation's protocol, e.g. ``ITC top-32 re-scored by the cross-encoder (...)``."""
+    if protocol.get("retrieval_top_k") is None:
+        line = "the cross-encoder on every pair (retrieval_eval: exhaustive)"
+    else:
+        top_k = protocol["retrieval_top_k"]
+        line = f"ITC cosine, the top {top_k} re-scored by the cross-encoder (retrieval_eval: topk)"
+    if "pairs_cross_encoded" in protocol:
+        line += f"; {protocol['pairs_cross_encoded']} of {protocol['pairs']} pairs fused"
+    return line
 
 
 def _newest_hpc_checkpoint(folder: Path) -> Path | None:

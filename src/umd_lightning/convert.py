@@ -149,7 +149,14 @@ DROPPED: list[tuple[str, str]] = [
         "the fixed 2-D sin-cos table (not trained); checked equal to the one our "
         "decoder computes (decoder.pos_embed: column_first)",
     ),
-    (r"itc_head\..*", "the ITC head, off in the committed reference (loss_names.itc = 0); no counterpart here"),
+    # The authors' ITCHead is a LayerNorm per side over the *fused* pooled features with a fixed temperature
+    # (cl_temp): it scores a pair only after the cross-encoder has run, so it cannot rank pairs before fusion, which
+    # is what ours (umd_lightning.models.heads.ITCHead: projections of the towers' own tokens) is for.
+    (
+        r"itc_head\..*",
+        "the ITC head (off in the committed reference, loss_names.itc = 0) normalises fused features; ours projects "
+        "the towers' features before fusion, so it has no counterpart here",
+    ),
     (r"preteacher\..*", "a second teacher of an unpublished variant, not used by the committed reference"),
 ]
 TEACHER_PREFIX = "ema.module."

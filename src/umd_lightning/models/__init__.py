@@ -17,6 +17,7 @@ from umd_lightning.models.fusion import CoAttentionLayer, FusionEncoder, MultiHe
 from umd_lightning.models.heads import (
     ClassifierHead,
     FeaturePredictor,
+    ITCHead,
     ITMHead,
     MIMDecoder,
     MLMHead,
@@ -45,6 +46,7 @@ __all__ = [
     "FeaturePredictor",
     "FusionConfig",
     "FusionEncoder",
+    "ITCHead",
     "ITMHead",
     "MIMDecoder",
     "MLMHead",

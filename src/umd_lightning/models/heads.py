@@ -1,7 +1,9 @@
-"""Heads on the backbone: MIM decoder, MLM, ITM, feature predictor, classifier, retrieval (UMD_SPEC 1.2)."""
+"""Heads on the backbone: MIM decoder, MLM, ITM, feature predictor, classifier, retrieval (UMD_SPEC 1.2), and the
+optional image-text contrastive (ITC) head."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -196,3 +198,46 @@ class RetrievalHead(nn.Module):
 
     def forward(self, pooled: Tensor) -> Tensor:
         return self.linear(pooled).squeeze(-1)
+
+
+class ITCHead(nn.Module):
+    """Image-text contrastive head (ALBEF / BLIP): one Linear per modality from the towers' embedded tokens (before
+    any fusion, so one pass per image and per caption) into a shared ``dim``, L2-normalised, and a learnable
+    temperature. Its cosine similarities rank all pairs cheaply; the cross-encoder re-scores the best ones.
+
+    The image is summarised by its first (class) token; a caption by the mean of its real tokens (padding left
+    out, so a caption's feature does not depend on how long the batch's longest caption is; the MiniLM tower is
+    also trained as a mean-pooled sentence encoder).
+
+    Args:
+        width: the fusion width ``D`` of the embedded tokens.
+        dim: the shared embedding width.
+        temperature: initial softmax temperature (ALBEF, CLIP: 0.07); learned as ``log(1 / t)``, capped so that
+            ``1 / t <= 100`` as in CLIP.
+    """
+
+    MAX_SCALE = 100.0
+
+    def __init__(self, width: int, dim: int = 256, temperature: float = 0.07) -> None:
+        super().__init__()
+        if dim < 1 or temperature <= 0.0:
+            raise ValueError(f"ITCHead needs dim >= 1 and temperature > 0, got dim={dim}, temperature={temperature}")
+        self.image_proj = nn.Linear(width, dim)
+        self.text_proj = nn.Linear(width, dim)
+        self.apply(init_new_weights)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+
+    @property
+    def scale(self) -> Tensor:
+        """``1 / temperature``, at most :attr:`MAX_SCALE` (a 0-d tensor that carries the gradient)."""
+        return self.log_scale.clamp(max=math.log(self.MAX_SCALE)).exp()
+
+    def image_features(self, image_tokens: Tensor) -> Tensor:
+        """(B, M, D) embedded image tokens (class token first) -> (B, dim) unit vectors."""
+        return nn.functional.normalize(self.image_proj(image_tokens[:, 0]).float(), dim=-1)
+
+    def text_features(self, text_tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L, D) embedded text tokens and their (B, L) mask -> (B, dim) unit vectors."""
+        mask = attention_mask.to(text_tokens.dtype).unsqueeze(-1)
+        mean = (text_tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+        return nn.functional.normalize(self.text_proj(mean).float(), dim=-1)

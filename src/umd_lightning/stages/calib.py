@@ -14,7 +14,8 @@ class TDCalib(ReconstructionStage):
     re-made from the loaded student). The ITM head passes through untouched (frozen with the poolers when
     ``w_itm = 0``), so retrieval fine-tuning after TD-Calib still starts its head from the ITM positive row.
     Pair it with a downstream DataModule in ``mode: calib`` and keep the checkpoint with the lowest ``val/recon``
-    (MIM loss + 1 - MLM accuracy).
+    (MIM loss + 1 - MLM accuracy). An MR-Pretrain ITC head passes on only when TD-Calib trains it too
+    (``itc_weight > 0``); otherwise retrieval fine-tuning with ITC starts a fresh one (and says so).
 
     Args:
         w_feamim: weight of feature MIM (reference ``w_fea = 1e-5``).
@@ -72,8 +73,11 @@ class TDCalib(ReconstructionStage):
         prefixes = ["backbone.", "mim_decoder.", "mlm_head.", "itm_head."]
         if self.feamlm_predictor is not None:
             prefixes.append("feamlm_predictor.")
+        if self.itc_head is not None:
+            prefixes.append("itc_head.")
         return tuple(prefixes)
 
     def optional_prefixes(self) -> tuple[str, ...]:
-        # The ITM head only passes through TD-Calib (frozen when w_itm = 0) to initialise a retrieval head.
-        return ("itm_head.",)
+        # The ITM head only passes through TD-Calib (frozen when w_itm = 0) to initialise a retrieval head; an ITC
+        # head (itc_weight > 0) continues from the pre-trained one when the checkpoint has one.
+        return ("itm_head.", "itc_head.") if self.itc_head is not None else ("itm_head.",)

@@ -16,15 +16,16 @@ TEACHER_KEYS = "teacher.module."
 class MRPretrain(ReconstructionStage):
     """MR-Pretrain with the reference weights: ``L = L_ITM + 0.5 * (L_MIM + L_MLM + L_FeaMIM + L_FeaMLM)``.
 
-    Started from a pre-training checkpoint (``pretrained``) that carries an EMA teacher (ours, or the reference's
-    ``ema.module.`` converted by ``umd convert``), the teacher continues from the saved one instead of a copy of
-    the student.
+    The optional contrastive term (``itc_weight > 0``, off by default as in the reference) adds
+    ``itc_weight * L_ITC``. Started from a pre-training checkpoint (``pretrained``) that carries an EMA teacher
+    (ours, or the reference's ``ema.module.`` converted by ``umd convert``), the teacher continues from the saved one
+    instead of a copy of the student.
 
     Args:
         **kwargs: the losses, masking and EMA teacher (see
             :class:`~umd_lightning.stages.reconstruction.ReconstructionStage`: ``mask_ratio_image``, ``mask_mode``,
-            ``feature_loss``, ``alpha``, ``w_itm`` ... ``w_feamlm``, ``ema_momentum``) and the backbone, optimiser
-            and schedule (see :class:`~umd_lightning.stages.base.UMDStage`).
+            ``feature_loss``, ``alpha``, ``w_itm`` ... ``w_feamlm``, ``ema_momentum``, ``itc_weight``) and the
+            backbone, optimiser and schedule (see :class:`~umd_lightning.stages.base.UMDStage`).
     """
 
     stage_name = "pretrain"
@@ -35,8 +36,12 @@ class MRPretrain(ReconstructionStage):
         self._teacher_from_checkpoint = False
 
     def pretrained_prefixes(self) -> tuple[str, ...]:
-        built = {"itm_head.": self.itm_head, "feamlm_predictor.": self.feamlm_predictor}
+        built = {"itm_head.": self.itm_head, "feamlm_predictor.": self.feamlm_predictor, "itc_head.": self.itc_head}
         return ("backbone.", "mim_decoder.", "mlm_head.", *(prefix for prefix, module in built.items() if module))
+
+    def optional_prefixes(self) -> tuple[str, ...]:
+        # A pre-training checkpoint without ITC (the default, the authors') continues with a fresh ITC head.
+        return ("itc_head.",) if self.itc_head is not None else ()
 
     def init_from_pretrained(self, source: Mapping[str, Tensor]) -> None:
         """Carry the checkpoint's EMA teacher, when it has one and this run uses a teacher.

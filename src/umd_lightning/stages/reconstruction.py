@@ -7,8 +7,9 @@ One training step runs up to three passes:
 2. the EMA teacher on the full image and text, without gradients (only when a feature loss is on),
 3. the student on unmasked pairs, half of them with a swapped image, for ITM (only when ``w_itm > 0``).
 
-``loss = w_itm * L_ITM + alpha * (w_mim * L_MIM + w_mlm * L_MLM + w_feamim * L_FeaMIM + w_feamlm * L_FeaMLM)``;
-a weight of 0 skips that term's computation.
+``loss = w_itm * L_ITM + alpha * (w_mim * L_MIM + w_mlm * L_MLM + w_feamim * L_FeaMIM + w_feamlm * L_FeaMLM)``
+``+ itc_weight * L_ITC``; a weight of 0 skips that term's computation. The optional ITC term (off by default) reads
+the towers' embedded tokens of pass 1, so it needs no pass of its own.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from umd_lightning import losses
 from umd_lightning.errors import StageError, check_range
 from umd_lightning.models.backbone import BackboneOutput
 from umd_lightning.models.ema import EMATeacher
-from umd_lightning.models.heads import FeaturePredictor, ITMHead, MIMDecoder, MLMHead
+from umd_lightning.models.heads import FeaturePredictor, ITCHead, ITMHead, MIMDecoder, MLMHead
 from umd_lightning.models.masking import normalized_pixel_targets, patchify, random_masking
 from umd_lightning.stages.base import Schedule, UMDStage
+from umd_lightning.stages.itc import itc_term
 
 EVAL_MODE_NOTICE = r"Found \d+ module\(s\) in eval mode at the start of training"
 """Lightning's warning about modules in eval mode when training starts (the EMA teacher's, on purpose)."""
@@ -63,6 +65,10 @@ class ReconstructionStage(UMDStage):
         w_feamlm: weight of feature MLM.
         ema_momentum: EMA teacher momentum per optimiser step.
         itm_swap_prob: fraction of ITM pairs whose image is swapped for another sample's.
+        itc_weight: weight of the image-text contrastive term (0, the default, builds no ITC head). ``> 0`` trains
+            an ITC head (``itc_head``) on the masked pass's tower features, InfoNCE both ways over the batch's
+            pairs gathered from every DDP process; retrieval fine-tuning with ``itc_weight > 0`` starts from it.
+        itc_dim: the ITC head's shared embedding width.
         lr: base learning rate (pretrained towers).
         schedule: decay after warm-up, ``linear`` or ``cosine``.
         **kwargs: see :class:`~umd_lightning.stages.base.UMDStage`.
@@ -84,6 +90,8 @@ class ReconstructionStage(UMDStage):
         w_feamlm: float = 1.0,
         ema_momentum: float = 0.995,
         itm_swap_prob: float = 0.5,
+        itc_weight: float = 0.0,
+        itc_dim: int = 256,
         lr: float = 1e-5,
         schedule: Schedule = "linear",
         **kwargs: Any,
@@ -96,7 +104,7 @@ class ReconstructionStage(UMDStage):
         # 1.0 would leave no patch to encode.
         check_range("model.init_args.mask_ratio_image", mask_ratio_image, low=0.0, high=1.0, high_open=True)
         weights = {"alpha": alpha, "w_itm": w_itm, "w_mim": w_mim, "w_mlm": w_mlm}
-        for name, weight in {**weights, "w_feamim": w_feamim, "w_feamlm": w_feamlm}.items():
+        for name, weight in {**weights, "w_feamim": w_feamim, "w_feamlm": w_feamlm, "itc_weight": itc_weight}.items():
             check_range(f"model.init_args.{name}", weight, low=0.0)
         check_range("model.init_args.ema_momentum", ema_momentum, low=0.0, high=1.0)
         check_range("model.init_args.itm_swap_prob", itm_swap_prob, low=0.0, high=1.0)
@@ -111,6 +119,8 @@ class ReconstructionStage(UMDStage):
         self.mim_decoder = MIMDecoder(width, cfg.decoder, cfg.vision.patch_size, feature_dim=width)
         self.mlm_head = MLMHead(width, self.backbone.text.vocab_size, cfg.fusion.norm_eps)
         self.itm_head = ITMHead(2 * width) if w_itm > 0 or self.carries_itm_head else None
+        check_range("model.init_args.itc_dim", itc_dim, low=1)
+        self.itc_head = ITCHead(width, itc_dim) if itc_weight > 0 else None
         uses_features = w_feamim > 0 or w_feamlm > 0
         self.feamlm_predictor = FeaturePredictor(width) if w_feamlm > 0 else None
         if feature_loss == "reference" and w_feamlm > 0:
@@ -202,16 +212,26 @@ class ReconstructionStage(UMDStage):
         need_text = hp.w_mlm > 0 or hp.w_feamlm > 0
 
         keep, mask = random_masking(batch_size, num_patches, hp.mask_ratio_image, pixels.device, generator)
+        embedded: dict[str, Tensor] = {}
+
+        def student(ids: Tensor, keep_indices: Tensor | None) -> BackboneOutput:
+            # The backbone's forward, step by step, keeping the first pass's tower outputs for the ITC term.
+            image = self.backbone.embed_image(pixels, keep_indices)
+            text = self.backbone.embed_text(ids, attention_mask)
+            embedded.setdefault("image", image)
+            embedded.setdefault("text", text)
+            return self.backbone.fuse(text, attention_mask, image)
+
         text_out: BackboneOutput | None = None
         image_out: BackboneOutput | None = None
         if need_image or need_text:
             if hp.mask_mode == "joint":
-                text_out = image_out = self.backbone(pixels, batch["mlm_input_ids"], attention_mask, keep)
+                text_out = image_out = student(batch["mlm_input_ids"], keep)
             else:
                 if need_text:
-                    text_out = self.backbone(pixels, batch["mlm_input_ids"], attention_mask, None)
+                    text_out = student(batch["mlm_input_ids"], None)
                 if need_image:
-                    image_out = self.backbone(pixels, input_ids, attention_mask, keep)
+                    image_out = student(input_ids, keep)
 
         teacher_out = self.teacher(pixels, input_ids, attention_mask) if self.teacher is not None else None
         mim_layer = self.backbone_config.decoder.mim_layer
@@ -259,10 +279,30 @@ class ReconstructionStage(UMDStage):
             terms["itm"] = losses.itm_loss(itm_logits, itm_labels)
             metrics["itm_acc"] = (itm_logits.detach().argmax(-1) == itm_labels).float().mean()
 
+        if self.itc_head is not None:
+            if not embedded:  # no masked pass ran: the towers on the unmasked pair
+                embedded = {
+                    "image": self.backbone.embed_image(pixels),
+                    "text": self.backbone.embed_text(input_ids, attention_mask),
+                }
+            # Gathered over the DDP processes only when training: evaluation batches need not line up across them.
+            terms["itc"] = itc_term(
+                self,
+                self.itc_head,
+                embedded["image"],
+                embedded["text"],
+                input_ids,
+                attention_mask,
+                gather=self.training,
+            )
+            metrics["itc_scale"] = self.itc_head.scale.detach()
+
         weights = {"mim": hp.w_mim, "mlm": hp.w_mlm, "feamim": hp.w_feamim, "feamlm": hp.w_feamlm}
         total = sum(hp.alpha * weights[name] * value for name, value in terms.items() if name in weights)
         if "itm" in terms:
             total = total + hp.w_itm * terms["itm"]
+        if "itc" in terms:
+            total = total + hp.itc_weight * terms["itc"]
         terms["loss"] = total
         return terms, metrics
 

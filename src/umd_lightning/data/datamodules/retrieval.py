@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from umd_lightning.data.common import SPLITS, Split
 from umd_lightning.data.datamodules.downstream import DownstreamDataModule
@@ -121,6 +121,24 @@ class RetrievalDataModule(DownstreamDataModule):
             list(split.captions), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
         )
         return split, encoded["input_ids"], encoded["attention_mask"]
+
+    def eval_image_loader(self, stage: str, shard: tuple[int, int] = (0, 1)) -> DataLoader:
+        """The images of a stage's evaluation split once more, for a pass before the stage's own batches (the ITC
+        ranking of ``retrieval_eval: topk``): every ``shard[1]``-th image from ``shard[0]`` (one process's share),
+        batches as the evaluation loader's (``{"pixel_values", "image_index"}``).
+
+        Raises:
+            RuntimeError: see :meth:`eval_split`.
+        """
+        images = self.eval_split(stage).images
+        rank, world = shard
+        return DataLoader(
+            Subset(images, range(rank, len(images), world)),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_images,
+        )
 
     def eval_split(self, stage: str) -> RetrievalEvalSplit:
         """The evaluation split of a stage (``fit``/``validate``/``val`` -> val, ``test`` -> test), with its

@@ -38,7 +38,7 @@ class FineTuneTask:
         return h_t, h_v
 
     def prepare_evaluation(self, module: FineTune, stage: str) -> None:
-        """Called when a validation, test or predict epoch starts (``stage``: ``val`` or ``test``)."""
+        """Called when a validation, test or predict epoch starts (``stage``: ``val``, ``test`` or ``predict``)."""
 
     def evaluation_step(self, module: FineTune, batch: dict[str, Any], stage: str) -> Tensor | None:
         """Score a batch into the stage's metric (the logits where the task has them)."""
