@@ -156,8 +156,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--full_size", type=int, default=256, help="images of the full-size JPEG case (0: none)")
     parser.add_argument("--full_size_px", default="2544x3056", help="their width x height")
     args = parser.parse_args(argv)
-    workers = [int(part) for part in args.workers.split(",")]
+    threads = torch.get_num_threads()  # put back afterwards: the tests call main() in-process
     torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    workers = [int(part) for part in args.workers.split(",")]
     overrides = [f"--data.init_args.tokenizer={args.tokenizer}", f"--data.init_args.batch_size={args.batch_size}"]
     if args.image_size is not None:
         overrides.append(f"--data.init_args.image_size={args.image_size}")

@@ -181,9 +181,20 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
     silence_known_noise()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # a Trainer per run: no device lines
+    # The thread count and Lightning's log level are put back afterwards: the tests call main() in-process.
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    threads, level = torch.get_num_threads(), lightning_logger.level
+    torch.set_num_threads(args.threads)
+    lightning_logger.setLevel(logging.WARNING)  # a Trainer per run: no device lines
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+        lightning_logger.setLevel(level)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     sizes = [int(p) for p in args.pairs.split(",")]
     ks = [int(k) for k in args.ks.split(",")]
     print(f"[bench] {' '.join(sys.argv)}")

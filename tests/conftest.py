@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _process_state_restored() -> Iterator[None]:
+    """What a test changes for the whole process (torch's thread count, the library loggers' levels) is put back,
+    so that one test's settings never decide another's result or speed."""
+    import torch
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric", "umd_lightning")]
+    threads, levels = torch.get_num_threads(), [logger.level for logger in loggers]
+    yield
+    torch.set_num_threads(threads)
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")
