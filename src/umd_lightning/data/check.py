@@ -257,6 +257,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args_and_overrides(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
+    """``parser``'s arguments and the ``--data.*`` overrides after them; a usage error for any other option.
+
+    Raises:
+        SystemExit: as argparse raises it, for ``--help`` (0) or a usage error (2), already printed.
+    """
+    args, overrides = parser.parse_known_args(argv)
+    if any(arg.startswith("-") and not arg.startswith("--data.") for arg in overrides):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)} (only --data.* overrides are taken)")
+    return args, overrides
+
+
 def with_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``data`` with ``--data.*`` command-line overrides applied as ``umd fit`` applies them (jsonargparse)."""
     if not overrides:
@@ -312,11 +326,8 @@ def run(config: str, splits: Sequence[str], scan: str, overrides: Sequence[str] 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``umd data check``; returns the exit status (0 clean, 1 problems, 2 configuration error)."""
-    parser = make_parser()
     try:
-        args, overrides = parser.parse_known_args(argv)
-        if any(arg.startswith("-") and not arg.startswith("--data.") for arg in overrides):
-            parser.error(f"unrecognized arguments: {' '.join(overrides)} (only --data.* overrides are taken)")
+        args, overrides = parse_args_and_overrides(make_parser(), argv)
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
         return int(exit_.code or 0)
     try:

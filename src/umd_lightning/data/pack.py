@@ -42,7 +42,14 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from umd_lightning.data.check import FILTER_KINDS, one_line, quiet_loggers, read_data_section, with_overrides
+from umd_lightning.data.check import (
+    FILTER_KINDS,
+    one_line,
+    parse_args_and_overrides,
+    quiet_loggers,
+    read_data_section,
+    with_overrides,
+)
 from umd_lightning.data.common import OnError, load_image
 from umd_lightning.data.datamodule import PretrainDataModule
 from umd_lightning.data.packed import (
@@ -321,12 +328,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``umd data pack``; the exit status (0 written, 1 data error, 2 configuration error)."""
-    parser = make_parser()
     try:
-        args, overrides = parser.parse_known_args(argv)
-        if any(arg.startswith("-") and not arg.startswith("--data.") for arg in overrides):
-            parser.error(f"unrecognized arguments: {' '.join(overrides)} (only --data.* overrides are taken)")
-    except SystemExit as exit_:
+        args, overrides = parse_args_and_overrides(make_parser(), argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed by argparse
         return int(exit_.code or 0)
     splits = [part.strip() for part in args.split.split(",") if part.strip()]
     try:
