@@ -5,62 +5,30 @@
 from __future__ import annotations
 
 import logging
-from functools import cached_property
 
-import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
-from transformers import PreTrainedTokenizerBase
 
-from umd_lightning.data.collate import PretrainCollator
 from umd_lightning.data.common import OnError
+from umd_lightning.data.datamodule_base import ImageTextDataModule
 from umd_lightning.data.packed import Manifest, PackedPairs, open_pack
 from umd_lightning.data.pretrain import PretrainConcatDataset, SourceSpec, build_pretrain_datasets
-from umd_lightning.data.sampler import check_loader_options, make_loader
 from umd_lightning.data.scan import ScanMode, ScanReport, require_samples
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.errors import ConfigError
-from umd_lightning.models.text import load_tokenizer
-from umd_lightning.seeds import run_seed
 
 log = logging.getLogger(__name__)
 
 
-class _PairsDataModule(LightningDataModule):
-    """What both pre-training DataModules share: the text and loader options, the set-up of the splits, the
-    collate and the loaders. A subclass says how a split is built (``_build``) and where its data is (``_where``).
+class _PairsDataModule(ImageTextDataModule):
+    """What both pre-training DataModules share: the set-up of the splits and the loaders of their pairs. A
+    subclass says how a split is built (``_build``) and where its data is (``_where``).
     """
 
     val_split = "val"
-
-    def __init__(
-        self,
-        tokenizer: str,
-        image_size: int,
-        max_text_length: int,
-        mask_ratio_text: float,
-        batch_size: int,
-        num_workers: int,
-        seed: int | None,
-    ) -> None:
-        super().__init__()
-        check_loader_options(batch_size, num_workers, max_text_length, mask_ratio_text, image_size)
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.max_text_length = max_text_length
-        self.mask_ratio_text = mask_ratio_text
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        self.train_dataset: Dataset | None = None
-        self.val_dataset: Dataset | None = None
-        self.test_dataset: Dataset | None = None
-
-    @cached_property
-    def text_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The loaded fast tokenizer named by ``tokenizer`` (:func:`~umd_lightning.models.text.load_tokenizer`)."""
-        return load_tokenizer(self.tokenizer)
+    train_dataset: Dataset | None = None
+    val_dataset: Dataset | None = None
+    test_dataset: Dataset | None = None
 
     def _build(self, split: str, train: bool) -> Dataset:
         raise NotImplementedError
@@ -92,29 +60,10 @@ class _PairsDataModule(LightningDataModule):
         if stage in ("test", "predict") and self.test_dataset is None:
             self.test_dataset = self._build("test", train=False)
 
-    def _collator(self, train: bool) -> PretrainCollator:
-        return PretrainCollator(
-            self.text_tokenizer,
-            max_length=self.max_text_length,
-            mask_ratio_text=self.mask_ratio_text,
-            seed=run_seed(self.seed),
-            fixed_masks=not train,
-        )
-
     def _loader(self, dataset: Dataset | None, split: str, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"the {split} split is not built: call setup() with the matching stage first")
-        return make_loader(
-            dataset,
-            train=train,
-            seed=run_seed(self.seed),
-            batch_size=self.batch_size,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=self._collator(train),
-        )
+        return self._make_loader(dataset, train, self._pair_collator(train), drop_last=train)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches, the last incomplete one dropped (every step sees ``batch_size`` pairs)."""

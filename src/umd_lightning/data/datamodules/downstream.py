@@ -9,26 +9,20 @@ images are scanned in ``setup()``. ``mode="calib"`` turns every split into (imag
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cached_property
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from transformers import PreTrainedTokenizerBase
 
-from umd_lightning.data.collate import PretrainCollator
 from umd_lightning.data.common import SPLITS, OnError, Split
+from umd_lightning.data.datamodule_base import ImageTextDataModule
 from umd_lightning.data.datasets import ImageTextPairs
 from umd_lightning.data.records import Record
-from umd_lightning.data.sampler import check_loader_options, make_loader
 from umd_lightning.data.scan import ScanMode, ScanReport, require_samples
 from umd_lightning.data.transforms import image_transform
 from umd_lightning.errors import ConfigError
-from umd_lightning.models.text import load_tokenizer
-from umd_lightning.seeds import run_seed
 
 Mode = Literal["task", "calib"]
 
@@ -41,7 +35,7 @@ STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
 }
 
 
-class DownstreamDataModule(LightningDataModule):
+class DownstreamDataModule(ImageTextDataModule):
     """What the downstream DataModules share: tokenizer, transforms, the calib mode, loaders, scan reports.
 
     A subclass fills ``self.records`` (split -> records) in its ``__init__`` and implements
@@ -84,32 +78,19 @@ class DownstreamDataModule(LightningDataModule):
         seed: int | None = None,
         split_seed: int = 0,
     ) -> None:
-        super().__init__()
         if mode not in ("task", "calib"):
             raise ConfigError(f"data.init_args.mode must be 'task' or 'calib', got {mode!r}")
-        check_loader_options(batch_size, num_workers, max_text_length, mask_ratio_text, image_size)
+        super().__init__(tokenizer, image_size, max_text_length, mask_ratio_text, batch_size, num_workers, seed)
         self.root = root
-        self.tokenizer = tokenizer
-        self.image_size = image_size
-        self.max_text_length = max_text_length
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.mode: Mode = mode
-        self.mask_ratio_text = mask_ratio_text
         self.on_error: OnError = on_error
         self.scan: ScanMode = scan
-        self.seed = seed
         self.split_seed = split_seed
         self.records: dict[Split, list[Record]] = {}
         self.datasets: dict[Split, Dataset] = {}
         self.scan_reports: list[ScanReport] = []
         self.leaky = False
         self.leak_notes: list[str] = []
-
-    @cached_property
-    def text_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The loaded fast tokenizer named by ``tokenizer`` (:func:`~umd_lightning.models.text.load_tokenizer`)."""
-        return load_tokenizer(self.tokenizer)
 
     def transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         """PIL RGB image -> ``(3, image_size, image_size)`` tensor (training or evaluation transform)."""
@@ -168,13 +149,7 @@ class DownstreamDataModule(LightningDataModule):
 
     def _collator(self, split: Split) -> Callable[[list[Any]], Any]:
         if self.mode == "calib":
-            return PretrainCollator(
-                self.text_tokenizer,
-                max_length=self.max_text_length,
-                mask_ratio_text=self.mask_ratio_text,
-                seed=run_seed(self.seed),
-                fixed_masks=split != "train",
-            )
+            return self._pair_collator(split == "train")
         return self._task_collator(split)
 
     def _loader(self, split: Split, dataset: Dataset | None = None) -> DataLoader:
@@ -182,16 +157,7 @@ class DownstreamDataModule(LightningDataModule):
             if split not in self.datasets:
                 raise RuntimeError(f"the {split} split is not built: call setup() with the matching stage first")
             dataset = self.datasets[split]
-        return make_loader(
-            dataset,
-            train=split == "train",
-            seed=run_seed(self.seed),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=self._collator(split),
-        )
+        return self._make_loader(dataset, split == "train", self._collator(split))
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches."""
