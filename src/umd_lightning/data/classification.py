@@ -15,11 +15,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from umd_lightning.data.common import OnError, RuntimeSkips, load_scanned_image, to_rgb
+from umd_lightning.data.common import OnError, to_rgb
+from umd_lightning.data.datasets import ScannedRecords
 from umd_lightning.data.records import Record
-from umd_lightning.data.scan import ScanMode, ScanReport, scan_images
+from umd_lightning.data.scan import ScanMode
 
 ClassificationDatasetName = Literal["melinda", "medpix", "medmnist"]
 DEFAULT_LABEL_COLUMN = {"melinda": "p_meth_label", "medpix": "Location Category", "medmnist": None}
@@ -42,7 +42,7 @@ def class_names_from(records: Sequence[Record]) -> list[str]:
     return sorted(names)
 
 
-class ClassificationDataset(Dataset):
+class ClassificationDataset(ScannedRecords):
     """(image, text) -> class samples from records; image files are scanned at construction.
 
     Args:
@@ -81,16 +81,8 @@ class ClassificationDataset(Dataset):
                 f"{name}: label(s) {unseen} in split(s) {splits} were not seen in training; "
                 f"known classes are {self.class_names}"
             )
-        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
-        self.reports: list[ScanReport] = [report]
+        super().__init__(records, transform, name=name, on_error=on_error, scan=scan, progress=progress)
         self.labels = [index[record.label_name] for record in self.records]
-        self.transform = transform
-        self.on_error: OnError = on_error
-        self.skips = RuntimeSkips()
-        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
@@ -98,7 +90,7 @@ class ClassificationDataset(Dataset):
         if isinstance(image, np.ndarray):
             picture = to_rgb(Image.fromarray(image))
         else:
-            picture = load_scanned_image(image, on_error=self.on_error, record=record.id, skips=self.skips)
+            picture = self._load_image(record)
             if picture is None:
                 return None
         return {

@@ -1,6 +1,7 @@
 """The image-text datasets over the one record type (``records.Record``): ``PairDataset``, the pre-training
 sources' base (one checked image and its texts), and ``ImageTextPairs`` (retrieval training and every task's
-TD-Calib pairs). Both run the set-up scan, apply ``on_error`` and give samples ``{"image", "text", "id"}``."""
+TD-Calib pairs). Both run the set-up scan, apply ``on_error`` and give samples ``{"image", "text", "id"}``.
+``ScannedRecords``, the base of ``ImageTextPairs``, is also the base of the VQA and classification datasets."""
 
 from __future__ import annotations
 
@@ -95,18 +96,55 @@ class PairDataset(Dataset):
         return {"image": image, "text": record.texts[text_index], "id": record.id}
 
 
-class ImageTextPairs(Dataset):
-    """(image, text) samples ``{"image": (3, H, W) tensor, "text": str, "id": str}``: retrieval training and
-    every task's TD-Calib pairs. Image files are scanned at construction (each distinct file once).
+class ScannedRecords(Dataset):
+    """Base of the datasets over records whose images are scanned at construction (each distinct file once):
+    ``ImageTextPairs`` and the downstream tasks' datasets. A subclass builds its samples in ``__getitem__`` from
+    ``self.records`` and :meth:`_load_image`.
 
     Args:
-        records: records with ``image`` (path), ``id`` and one text.
+        records: records with ``image`` (path) and ``id``.
         transform: PIL RGB image -> ``(3, H, W)`` tensor.
         name: name in the scan report.
         on_error: ``raise`` fails on the first bad image, ``skip`` drops and counts it; an image that stops
             decoding after the scan raises ``DataError`` from ``__getitem__`` (``raise``) or gives a ``None``
             sample that the collate drops (``skip``).
         scan: how much of each image the set-up scan reads.
+        progress: show the scan's progress bar.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        transform: Callable[[Image.Image], torch.Tensor],
+        *,
+        name: str,
+        on_error: OnError,
+        scan: ScanMode,
+        progress: bool,
+    ) -> None:
+        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
+        self.reports: list[ScanReport] = [report]
+        self.transform = transform
+        self.on_error: OnError = on_error
+        self.skips = RuntimeSkips()
+        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load_image(self, record: Record) -> Image.Image | None:
+        """The record's scanned image, or ``None`` when it no longer decodes and ``on_error == "skip"``."""
+        return load_scanned_image(record.image, on_error=self.on_error, record=record.id, skips=self.skips)
+
+
+class ImageTextPairs(ScannedRecords):
+    """(image, text) samples ``{"image": (3, H, W) tensor, "text": str, "id": str}``: retrieval training and
+    every task's TD-Calib pairs. Image files are scanned at construction (each distinct file once).
+
+    Args:
+        records: records with ``image`` (path), ``id`` and one text.
+        transform: PIL RGB image -> ``(3, H, W)`` tensor.
+        name, on_error, scan, progress: as for :class:`ScannedRecords`.
     """
 
     def __init__(
@@ -119,19 +157,11 @@ class ImageTextPairs(Dataset):
         scan: ScanMode = "full",
         progress: bool = True,
     ) -> None:
-        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
-        self.reports: list[ScanReport] = [report]
-        self.transform = transform
-        self.on_error: OnError = on_error
-        self.skips = RuntimeSkips()
-        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
-
-    def __len__(self) -> int:
-        return len(self.records)
+        super().__init__(records, transform, name=name, on_error=on_error, scan=scan, progress=progress)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        image = load_scanned_image(record.image, on_error=self.on_error, record=record.id, skips=self.skips)
+        image = self._load_image(record)
         if image is None:
             return None
         return {"image": self.transform(image), "text": record.text, "id": record.id}

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset
 
 from umd_lightning.data.answers import AnswerVocab
-from umd_lightning.data.common import OnError, RuntimeSkips, load_scanned_image
+from umd_lightning.data.common import OnError
+from umd_lightning.data.datasets import ScannedRecords
 from umd_lightning.data.records import Record
-from umd_lightning.data.scan import ScanMode, ScanReport, scan_images
+from umd_lightning.data.scan import ScanMode, ScanReport
 from umd_lightning.data.sources.slake import slake_records
 from umd_lightning.data.sources.vqa_med_2019 import vqa_med_2019_m3ae_records, vqa_med_2019_records
 from umd_lightning.data.sources.vqa_rad import vqa_rad_preprocessed_records, vqa_rad_records
@@ -86,7 +86,7 @@ def holdout_by_image(records: Sequence[Record], fraction: float, seed: int) -> t
     return train, val
 
 
-class VQADataset(Dataset):
+class VQADataset(ScannedRecords):
     """VQA samples from records; the images are scanned at construction.
 
     Args:
@@ -114,16 +114,8 @@ class VQADataset(Dataset):
         scan: ScanMode = "full",
         progress: bool = True,
     ) -> None:
-        self.records, report = scan_images(records, name=name, mode=scan, on_error=on_error, progress=progress)
-        self.reports: list[ScanReport] = [report]
-        self.transform = transform
+        super().__init__(records, transform, name=name, on_error=on_error, scan=scan, progress=progress)
         self.answer_vocab = answer_vocab
-        self.on_error: OnError = on_error
-        self.skips = RuntimeSkips()
-        """Samples dropped after the scan because their image stopped decoding (``on_error="skip"``)."""
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     @property
     def num_out_of_vocabulary(self) -> int:
@@ -132,7 +124,7 @@ class VQADataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        image = load_scanned_image(record.image, on_error=self.on_error, record=record.id, skips=self.skips)
+        image = self._load_image(record)
         if image is None:
             return None
         answer_index = self.answer_vocab.index(record.answer)
