@@ -1,5 +1,5 @@
 """Test-only helpers: callbacks imported by the ``umd`` subprocesses of the pipeline tests (``PYTHONPATH`` holds
-tests/), and the quiet in-process Trainer the other tests fit with."""
+tests/), and the quiet in-process Trainers (one process, or two under DDP) the other tests fit with."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ def quiet_trainer(**overrides: Any) -> pl.Trainer:
         "limit_val_batches": 0,
     }
     return pl.Trainer(**(options | overrides))
+
+
+def ddp_trainer(**overrides: Any) -> pl.Trainer:
+    """:func:`quiet_trainer` over two spawned CPU processes (gloo): the 2-process DDP tests' launcher."""
+    return quiet_trainer(devices=2, strategy="ddp_spawn", **overrides)
 
 
 class DumpParameters(pl.Callback):

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from pipeline_helpers import ddp_trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -69,17 +70,7 @@ def test_ddp_ranks_stay_identical_with_noise(tmp_path: Path, monkeypatch: pytest
     torch.manual_seed(0)
     n = 2 * 2 * STEPS  # 2 ranks x batch 2 x steps; the distributed sampler gives each rank its own half
     data = TensorDataset(torch.randn(n, 12), torch.randn(n, 10), torch.randint(0, CLASSES, (n,)))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=STEPS,
-        callbacks=[GMCoord(alpha=0.5, noise=True)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = ddp_trainer(max_steps=STEPS, callbacks=[GMCoord(alpha=0.5, noise=True)])
     trainer.fit(TwoTowerModule(str(tmp_path)), DataLoader(data, batch_size=2, shuffle=False))
 
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))

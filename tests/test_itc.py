@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from pipeline_helpers import quiet_trainer
+from pipeline_helpers import ddp_trainer, quiet_trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -305,16 +305,7 @@ def test_ddp_gather_gives_the_full_batch_gradient(tmp_path: Path) -> None:
     # Samples 2 and 4 share a caption (key 2): positives of each other wherever the ranks put them.
     keys = torch.tensor([0, 1, 2, 3, 2, 5])
     data = TensorDataset(torch.randn(6, 4), torch.randn(6, 4), keys, torch.arange(6))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = ddp_trainer(max_steps=1)
     trainer.fit(GatherProbe(str(tmp_path)), DataLoader(data, batch_size=3, shuffle=False))
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert len(rank0["kept"]) == 3 and len(rank1["kept"]) == 2

@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from pipeline_helpers import quiet_trainer
 
 from umd_lightning.data import PackedPretrainDataModule, PretrainDataModule
 from umd_lightning.data.pack import main as pack_main
@@ -253,16 +254,8 @@ class RecordBatches(pl.LightningModule):
 
 
 def fit(model: RecordBatches, data: PackedPretrainDataModule, ckpt_path: str | None = None, **options: Any) -> None:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **options,
-    )
+    # Validation runs (limit_val_batches=1.0, Lightning's default): the DDP test reads the ranks' val batches.
+    trainer = quiet_trainer(max_epochs=1, limit_val_batches=1.0, **options)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from pipeline_helpers import quiet_trainer
 
 from umd_lightning.callbacks import GMCoord
 from umd_lightning.data import PretrainDataModule, VQADataModule
@@ -76,18 +77,7 @@ SETUPS = {"pretrain": pretrain_setup, "finetune": finetune_setup}
 def fit(stage: str, callbacks: list[pl.Callback], **trainer_kwargs: Any) -> None:
     pl.seed_everything(0)
     model, data, stage_callbacks = SETUPS[stage]()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=STEPS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[*stage_callbacks, *callbacks],
-        **trainer_kwargs,
-    )
+    trainer = quiet_trainer(max_steps=STEPS, callbacks=[*stage_callbacks, *callbacks], **trainer_kwargs)
     trainer.fit(model, datamodule=data)
 
 
