@@ -5,6 +5,7 @@ repeating or losing a run, and its report is rebuilt from the saved results with
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from umd_lightning.errors import ConfigError
+from umd_lightning.experiment import runner as runner_module
 from umd_lightning.experiment.command import main
 from umd_lightning.experiment.report import build_report
 from umd_lightning.experiment.runner import Runner, detect_devices
@@ -311,6 +313,39 @@ def test_cpu_slots_run_that_many_at_once_upstream_first(tmp_path: Path) -> None:
     assert all(start[run.key] >= done[pretrain.key] for run in finetune)
     running = [sum(start[r] <= start[k] < done[r] for r in start) for k in start]
     assert max(running) == 2  # two ran side by side, and never three
+
+
+def test_a_full_disk_stops_the_grid_in_one_line_and_the_same_command_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec_path = tmp_path / "tiny.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec(tmp_path / "marker"), sort_keys=False))
+    plan = make_plan(load_spec(spec_path))
+    real_write_json = runner_module.write_json
+    started: list[Path] = []
+
+    def full_from_the_third_run(path: Path, value) -> None:
+        if path.name == "run.json":
+            started.append(path.parent)
+            if len(set(started)) == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write_json(path, value)
+
+    monkeypatch.setattr(runner_module, "write_json", full_from_the_third_run)
+    lines: list[str] = []
+    runner = SleepingRunner(plan, tmp_path / "out", [None, None], echo=lines.append)
+    assert runner.run() == 1  # returns: no traceback
+    assert lines[-1].startswith("[experiment] stopped: [Errno 28] No space left on device") and "run.json" in lines[-1]
+    assert lines[-1].endswith("the same command resumes the grid")
+    done_before = {run.key for run in plan.runs if runner_module.is_done(runner.folder(run))}
+    assert plan.runs[0].key in done_before and len(done_before) < len(plan.runs)
+
+    monkeypatch.setattr(runner_module, "write_json", real_write_json)
+    again = SleepingRunner(plan, tmp_path / "out", [None, None], echo=lines.append)
+    assert again.run() == 0  # the lock was released
+    starts = [e["run"] for e in events(tmp_path / "out") if e["event"] == "start"]
+    assert all(starts.count(key) == 1 for key in done_before)  # a finished run is not run again
+    assert all(runner_module.is_done(again.folder(run)) for run in plan.runs)
 
 
 # ---------------------------------------------------------------------------------------------- statistics

@@ -383,7 +383,8 @@ class Runner:
                 active.process.send_signal(signal.SIGTERM)
 
     def run(self) -> int:
-        """Run every unfinished stage run; 0 when all finished, 1 when some failed, 128 + signal when stopped."""
+        """Run every unfinished stage run; 0 when all finished, 1 when some failed or the runner could not write its
+        own files (a full disk: one line, the children stopped, the grid resumable), 128 + signal when stopped."""
         self.out.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.out / LOCK), timeout=0)
         try:
@@ -392,8 +393,26 @@ class Runner:
             raise ConfigError(f"{self.out} is in use by another `umd experiment run` (its {LOCK} is held)") from None
         try:
             return self._run_grid()
+        except OSError as error:  # the runner's own files: a full disk, a folder it may not write
+            self._stop_children()
+            self.echo(
+                f"[experiment] stopped: {error}. Finished runs are kept; once this is fixed (e.g. space freed), "
+                "the same command resumes the grid"
+            )
+            return 1
         finally:
             lock.release()
+
+    def _stop_children(self) -> None:
+        """SIGTERM every phase in flight (each saves ``last.ckpt`` if it can) and wait for it to end."""
+        for active in getattr(self, "_active", {}).values():
+            with contextlib.suppress(ProcessLookupError):
+                active.process.send_signal(signal.SIGTERM)
+        for active in getattr(self, "_active", {}).values():
+            active.process.wait()
+            with contextlib.suppress(OSError):
+                active.log.close()
+        self._active = {}
 
     def _run_grid(self) -> int:
         self.write_grid()
