@@ -198,6 +198,8 @@ class Runner:
         self.echo = echo
         self.index = {run.key: number for number, run in enumerate(plan.runs, start=1)}
         self.stopping: int | None = None
+        self._active: dict[int, Active] = {}
+        """The phases in flight, by slot."""
 
     # -------------------------------------------------------------------------------------- files
     def folder(self, run: StageRun) -> Path:
@@ -405,10 +407,10 @@ class Runner:
 
     def _stop_children(self) -> None:
         """SIGTERM every phase in flight (each saves ``last.ckpt`` if it can) and wait for it to end."""
-        for active in getattr(self, "_active", {}).values():
+        for active in self._active.values():
             with contextlib.suppress(ProcessLookupError):
                 active.process.send_signal(signal.SIGTERM)
-        for active in getattr(self, "_active", {}).values():
+        for active in self._active.values():
             active.process.wait()
             with contextlib.suppress(OSError):
                 active.log.close()
@@ -428,7 +430,7 @@ class Runner:
             f"[experiment] {self.plan.spec.name}: {len(self.plan.cells)} results from {len(self.plan.runs)} stage "
             f"runs ({counts}); {len(finished)} already finished, {len(pending)} to run on {slots}; in {self.out}"
         )
-        self._active: dict[int, Active] = {}
+        self._active = {}
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             while (pending and self.stopping is None) or self._active:
