@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_pretrain_stage import make_batch
 
+from umd_lightning.models.text import RowGradEmbedding
 from umd_lightning.stages import MRPretrain, NonFiniteLossError, StageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +97,53 @@ def test_compile_keeps_outputs_and_state_dict_keys() -> None:
         want = eager.backbone(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooled
         got = compiled.backbone(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooled
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_row_grad_embedding_gives_the_plain_gradient_in_one_reused_dense_tensor() -> None:
+    torch.manual_seed(0)
+    plain = torch.nn.Embedding(50, 8, padding_idx=0)
+    rows = RowGradEmbedding.like(torch.nn.Embedding(50, 8, padding_idx=0))
+    rows.weight.data.copy_(plain.weight.data)
+    kept = None
+    for autocast in (False, True, False):
+        ids = torch.randint(0, 50, (3, 6))
+        ids[0, :2] = 0  # padding: no gradient
+        ids[1] = ids[2]  # repeated rows: their gradients add up
+        grads = []
+        for table in (plain, rows):
+            table.weight.grad = None  # what zero_grad(set_to_none=True) does
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = (table(ids) * torch.arange(8.0)).sum() + (table(ids.flip(0)) ** 2).sum()  # two lookups
+            loss.backward()
+            grads.append(table.weight.grad)
+        assert grads[1].layout == torch.strided and grads[1].dtype == torch.float32
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)  # repeated rows: another sum order
+        assert grads[1][0].abs().sum() == 0
+        if kept is not None:  # the same dense tensor every step (the last one still held): no new allocation
+            assert grads[1].data_ptr() == kept.data_ptr()
+        kept = grads[1]
+    with torch.no_grad():  # no gradient wanted: the plain lookup, nothing hooked
+        torch.testing.assert_close(rows(ids), plain(ids))
+
+
+def test_the_text_towers_word_table_takes_its_gradient_by_rows_and_the_step_is_unchanged() -> None:
+    model = tiny(lr=1e-3)
+    table = model.backbone.text.encoder.get_input_embeddings()
+    assert type(table) is RowGradEmbedding and not table.sparse  # DDP reads .sparse: its gradient is dense
+    reference = tiny(lr=1e-3)
+    plain = torch.nn.Embedding(table.num_embeddings, table.embedding_dim, padding_idx=table.padding_idx)
+    plain.weight = reference.backbone.text.encoder.get_input_embeddings().weight
+    reference.backbone.text.encoder.set_input_embeddings(plain)
+    assert "backbone.text.encoder.embeddings.word_embeddings.weight" in model.state_dict()
+    assert list(model.state_dict()) == list(reference.state_dict())
+    steps = []
+    for stage in (model, reference):
+        torch.manual_seed(3)  # the same dropout draws in both
+        steps.append(one_step(stage))
+        grad = stage.backbone.text.encoder.get_input_embeddings().weight.grad
+        assert grad is not None and not grad.is_sparse and grad.abs().sum() > 0
+    for name, value in steps[1].items():
+        torch.testing.assert_close(steps[0][name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_nan_guard_names_the_first_bad_term() -> None:

@@ -7,6 +7,8 @@ import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -57,6 +59,74 @@ def _usable_positions(config) -> int | None:
     return positions
 
 
+class RowGradEmbedding(nn.Embedding):
+    """A word-embedding table whose gradient, on the CPU, is built from the rows that were looked up.
+
+    PyTorch's dense embedding backward allocates and zero-fills a new (vocabulary x width) tensor at every call:
+    47 MB for MiniLM, twice per MR-Pretrain step (the masked pass and the ITM pass). Fresh memory is slow to touch
+    on a CPU (about 50 ms per call on the 2-core CI machine), so that fill was about a tenth of a `small` step. Here
+    the lookup gives autograd a sparse gradient (the rows used) and a hook adds it into one dense gradient tensor
+    kept from step to step, so that the optimiser, DDP, clipping and GM-Coord still see the usual dense ``.grad``.
+    ``sparse`` stays ``False``: DDP reads it to decide how to reduce the gradient, and what it reduces is dense.
+
+    Weights, state-dict keys and gradient values are those of ``nn.Embedding``. On a GPU (whose caching
+    allocator makes the dense backward cheap), under ``torch.compile`` and without gradients it is the plain
+    lookup. The dense gradient tensor is reused: a reference kept to one step's ``weight.grad`` sees the next
+    step's values.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._dense_grad: Tensor | None = None
+        self._hooked: nn.Parameter | None = None
+
+    @classmethod
+    def like(cls, table: nn.Embedding) -> RowGradEmbedding:
+        """The same table (its very weight ``Parameter``) with this lookup."""
+        new = cls(
+            table.num_embeddings,
+            table.embedding_dim,
+            padding_idx=table.padding_idx,
+            max_norm=table.max_norm,
+            norm_type=table.norm_type,
+            scale_grad_by_freq=table.scale_grad_by_freq,
+            _weight=table.weight,
+            _freeze=not table.weight.requires_grad,
+        )
+        new.weight = table.weight
+        return new
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight = self.weight
+        if (
+            weight.device.type != "cpu"
+            or not (weight.requires_grad and torch.is_grad_enabled())
+            or torch.compiler.is_compiling()
+        ):
+            return super().forward(input)
+        if self._hooked is not weight:  # a new Parameter (assigned or copied): hook it once
+            weight.register_post_accumulate_grad_hook(self._densify)
+            self._hooked = weight
+        return F.embedding(
+            input, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, sparse=True
+        )
+
+    def _densify(self, weight: Tensor) -> None:
+        # Runs after each accumulation into weight.grad, before DDP's own hook reads it. The first lookup's
+        # gradient of a step arrives sparse (autograd keeps it as .grad); every later one is added in place into
+        # the dense tensor put there below.
+        grad = weight.grad
+        if grad is None or not grad.is_sparse:
+            return
+        dense = self._dense_grad
+        if dense is None or dense.shape != weight.shape or dense.dtype != grad.dtype or dense.device != grad.device:
+            dense = self._dense_grad = torch.zeros_like(weight, dtype=grad.dtype)
+        else:
+            dense.zero_()
+        dense.add_(grad)
+        weight.grad = dense
+
+
 class TextTower(nn.Module):
     """Any encoder ``transformers.AutoModel`` loads, without its pooler.
 
@@ -88,6 +158,9 @@ class TextTower(nn.Module):
                 self.encoder = AutoModel.from_pretrained(path, config=config, local_files_only=local, **kwargs)
         else:
             self.encoder = AutoModel.from_config(config, **kwargs)
+        table = self.encoder.get_input_embeddings()
+        if type(table) is nn.Embedding:
+            self.encoder.set_input_embeddings(RowGradEmbedding.like(table))
         self.width: int = config.hidden_size
         self.vocab_size: int = config.vocab_size
         self.max_positions: int | None = _usable_positions(config)
