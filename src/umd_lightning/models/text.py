@@ -64,7 +64,7 @@ class RowGradEmbedding(nn.Embedding):
 
     PyTorch's dense embedding backward allocates and zero-fills a new (vocabulary x width) tensor at every call:
     47 MB for MiniLM, twice per MR-Pretrain step (the masked pass and the ITM pass). Fresh memory is slow to touch
-    on a CPU (about 50 ms per call on the 2-core CI machine), so that fill was about a tenth of a `small` step. Here
+    on a CPU (50-80 ms per call on a 2-core CI machine), so that fill was about a tenth of a `small` step. Here
     the lookup gives autograd a sparse gradient (the rows used) and a hook adds it into one dense gradient tensor
     kept from step to step, so that the optimiser, DDP, clipping and GM-Coord still see the usual dense ``.grad``.
     ``sparse`` stays ``False``: DDP reads it to decide how to reduce the gradient, and what it reduces is dense.
