@@ -4,6 +4,7 @@ guard still names the bad term; the step benchmark runs (smoke test on ``tiny``:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -144,6 +145,22 @@ def test_the_text_towers_word_table_takes_its_gradient_by_rows_and_the_step_is_u
         assert grad is not None and not grad.is_sparse and grad.abs().sum() > 0
     for name, value in steps[1].items():
         torch.testing.assert_close(steps[0][name], value, rtol=1e-6, atol=1e-7, msg=name)
+    # After training the keys are still the plain table's, and a fresh model loads them strictly (a checkpoint).
+    assert list(model.state_dict()) == list(reference.state_dict())
+    tiny(lr=1e-3).load_state_dict(model.state_dict(), strict=True)
+
+
+def test_a_copied_row_grad_table_hooks_its_own_weight() -> None:
+    table = RowGradEmbedding(20, 4)
+    ids = torch.tensor([[1, 2, 2, 5]])
+    table(ids).sum().backward()
+    copied = copy.deepcopy(table)  # what an EMA teacher or a checkpoint copy does
+    copied.weight.grad = None
+    (copied(ids) * 2).sum().backward()
+    assert not copied.weight.grad.is_sparse and copied.weight.grad[2].tolist() == [4.0] * 4
+    assert copied.weight.grad.data_ptr() != table.weight.grad.data_ptr()  # its own dense tensor
+    assert table.weight.grad[2].tolist() == [2.0] * 4  # the original's gradient untouched
+    assert list(copied.state_dict()) == ["weight"]
 
 
 def test_nan_guard_names_the_first_bad_term() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,7 +79,10 @@ class RowGradEmbedding(nn.Embedding):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._dense_grad: Tensor | None = None
-        self._hooked: nn.Parameter | None = None
+        # A weak reference, not the Parameter itself: nn.Module.__setattr__ would register a Parameter as a
+        # second parameter (an extra state-dict key), and deepcopy keeps a weakref pointing at the original, so a
+        # copied table hooks its own weight.
+        self._hooked: weakref.ref | None = None
 
     @classmethod
     def like(cls, table: nn.Embedding) -> RowGradEmbedding:
@@ -104,9 +108,9 @@ class RowGradEmbedding(nn.Embedding):
             or torch.compiler.is_compiling()
         ):
             return super().forward(input)
-        if self._hooked is not weight:  # a new Parameter (assigned or copied): hook it once
+        if self._hooked is None or self._hooked() is not weight:  # a new Parameter (assigned or copied): hook once
             weight.register_post_accumulate_grad_hook(self._densify)
-            self._hooked = weight
+            self._hooked = weakref.ref(weight)
         return F.embedding(
             input, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, sparse=True
         )
