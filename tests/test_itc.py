@@ -363,6 +363,9 @@ def test_retrieval_eval_benchmark_runs_on_tiny(synthetic_roco: Path, tmp_path: P
     ]
     for size, (exhaustive, top1, top100, itc) in ((8, rows[:4]), (40, rows[4:])):
         assert exhaustive["fused"] == top100["fused"] == size * size and top100["max_delta"] == 0.0
+        assert top100["delta_range"] == (0.0, 0.0) and exhaustive["delta_range"] == (0.0, 0.0)
+        low, high = top1["delta_range"]
+        assert low <= high and max(-low, high) == top1["max_delta"]
         assert size <= top1["fused"] <= 2 * size and itc["fused"] == 0
         # Top-1 keeps only the ITC's best candidate in each direction: its R@1 is the ITC's own.
         assert top1["recall"][0] == itc["recall"][0] and top1["recall"][3] == itc["recall"][3]
