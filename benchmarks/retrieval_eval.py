@@ -24,7 +24,7 @@ missed. Nothing is written except the checkpoint when ``--checkpoint`` names a m
 
 Cost with the defaults on 2 quiet CPU cores (``--threads 2``; one thread on busy ones roughly doubles it): about
 18 min of training (3,000 steps), then per repeat about 7 min for exhaustive scoring at 2,050 pairs (4.2 M fusion
-passes) and under 2 min for the rest; about 40 min in all. ``--dataset roco --root DIR`` runs it on a ROCO-layout
+passes) and about 2 min for the rest; about 40 min in all. ``--dataset roco --root DIR`` runs it on a ROCO-layout
 folder (the smoke test uses a synthetic one).
 """
 
