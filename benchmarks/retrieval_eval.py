@@ -221,6 +221,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             seconds = [r["seconds"] for r in runs[protocol]]
             metrics = runs[protocol][0]["metrics"]
             values = recall(metrics, "i2t") + recall(metrics, "t2i")
+            deltas = [a - b for a, b in zip(values, base)]
             rows.append(
                 {
                     "pairs": size,
@@ -231,8 +232,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "each": seconds,
                     "fused": runs[protocol][0]["fused"],
                     "recall": values,
-                    "max_delta": max(abs(a - b) for a, b in zip(values, base)),
-                    "delta_range": (min(a - b for a, b in zip(values, base)), max(a - b for a, b in zip(values, base))),
+                    "max_delta": max(abs(d) for d in deltas),
+                    "delta_range": (min(deltas), max(deltas)),
                     "speedup": base_seconds / (sum(seconds) / len(seconds)),
                 }
             )
