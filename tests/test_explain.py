@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from umd_lightning.explain import co_attention_rollout, heat_colours, normalise, overlay, rollout_map
+from umd_lightning.explain import (
+    co_attention_rollout,
+    gradcam_map,
+    heat_colours,
+    normalise,
+    overlay,
+    rollout_map,
+)
 from umd_lightning.predict import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,11 +94,14 @@ def test_explain_gives_the_answer_and_two_nontrivial_maps(predictor: Predictor, 
     assert set(explanation.maps) == {"rollout", "gradcam"}
     for name, values in explanation.maps.items():
         assert values.shape == grid, name
-        assert values.min() == 0.0 and values.max() == 1.0, name  # not constant: the patches differ
+    rollout, gradcam = explanation.maps["rollout"], explanation.maps["gradcam"]
+    assert rollout.min() == 0.0 and rollout.max() == 1.0  # not constant: the patches differ
+    # Grad-CAM is relu'd: normalised to [0, 1], or all 0 where no patch adds to the answer (a 3-step model's
+    # chosen answer can be such a one; the next test finds answers that are not)
+    assert gradcam.min() == 0.0 and gradcam.max() in (0.0, 1.0)
     assert explanation.image.shape == (32, 32, 3)
-    # a different question moves the gradient map
     other = predictor.explain(image, "what organ is shown in the picture?")
-    assert not np.allclose(other.maps["gradcam"], explanation.maps["gradcam"])
+    assert not np.allclose(other.maps["rollout"], rollout)
 
     written = explanation.save(tmp_path, "q0")
     assert sorted(p.name for p in written) == ["q0_gradcam.npy", "q0_gradcam.png", "q0_rollout.npy", "q0_rollout.png"]
@@ -99,6 +109,27 @@ def test_explain_gives_the_answer_and_two_nontrivial_maps(predictor: Predictor, 
     assert Image.open(tmp_path / "q0_gradcam.png").size == (32, 32)
     # the model's parameters kept no gradient
     assert all(p.grad is None for p in predictor.model.parameters())
+
+
+def test_gradcam_shows_positive_evidence_for_some_answer_and_moves_with_the_question(predictor: Predictor) -> None:
+    model = predictor.model.eval()
+    image = sorted((VQA_RAD / "VQA_RAD Image Folder").iterdir())[0]
+    pixels = model.transform(Image.open(image).convert("RGB")).unsqueeze(0)
+
+    def maps(question: str) -> list[torch.Tensor]:
+        tokens = model.tokenizer([question], return_tensors="pt")
+        return [
+            gradcam_map(
+                model.backbone, model.head, pixels, tokens["input_ids"], tokens["attention_mask"], torch.tensor([j])
+            )[0]
+            for j in range(len(model.labels))
+        ]
+
+    lesion, organ = maps("is there a lesion?"), maps("what organ is shown in the picture?")
+    varied = [j for j, m in enumerate(lesion) if m.max() > m.min()]
+    assert varied, "no answer has positive, patch-dependent Grad-CAM evidence"
+    assert all((m >= 0).all() for m in lesion)
+    assert any(not torch.allclose(lesion[j], organ[j]) for j in varied)
 
 
 def test_explain_refuses_an_empty_question_and_unknown_methods(predictor: Predictor) -> None:

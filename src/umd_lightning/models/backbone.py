@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from umd_lightning.errors import ConfigError
 from umd_lightning.models.config import BackboneConfig
+from umd_lightning.models.dropout import use_cheap_dropout
 from umd_lightning.models.fusion import FusionEncoder, init_new_weights
 from umd_lightning.models.text import TextTower
 from umd_lightning.models.vision import VisionTower
@@ -96,6 +97,7 @@ class UMDBackbone(nn.Module):
         self.image_pooler = Pooler(self.width, cfg.pooling)
         for module in (self.text_proj, self.image_proj, self.type_embed, self.text_pooler, self.image_pooler):
             module.apply(init_new_weights)
+        use_cheap_dropout(self)  # the vision tower's (timm's) too, where its drop rates are set
 
     def forward(
         self,

@@ -9,11 +9,11 @@ what they use.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from umd_lightning.models.config import FusionConfig
+from umd_lightning.models.dropout import Dropout, attention
 
 INIT_STD = 0.02
 
@@ -36,7 +36,8 @@ def init_new_weights(module: nn.Module) -> None:
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention over ``scaled_dot_product_attention`` with a key padding mask."""
+    """Multi-head attention over ``scaled_dot_product_attention`` with a key padding mask (its dropped attention
+    weights, on a CPU, drawn by ``models/dropout.py``)."""
 
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -60,7 +61,7 @@ class MultiHeadAttention(nn.Module):
             (B, Lq, D).
         """
         attn_mask = None if key_mask is None else key_mask[:, None, None, :].bool()
-        out = F.scaled_dot_product_attention(
+        out = attention(
             self._split(self.query(queries)),
             self._split(self.key(keys_values)),
             self._split(self.value(keys_values)),
@@ -83,12 +84,12 @@ class CoAttentionLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.width, cfg.heads, cfg.dropout)
         self.cross_attn = MultiHeadAttention(cfg.width, cfg.heads, cfg.dropout)
         self.ffn = nn.Sequential(
-            nn.Linear(cfg.width, cfg.ffn), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ffn, cfg.width)
+            nn.Linear(cfg.width, cfg.ffn), nn.GELU(), Dropout(cfg.dropout), nn.Linear(cfg.ffn, cfg.width)
         )
         self.self_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.cross_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.ffn_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.apply(init_new_weights)
 
     def forward(

@@ -15,6 +15,7 @@ from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer, Pr
 
 from umd_lightning.errors import ConfigError
 from umd_lightning.models.config import TextConfig, resolve_text_model
+from umd_lightning.models.dropout import use_cheap_dropout, use_cheap_text_attention
 
 
 def _resolve(name_or_path: str) -> tuple[str, bool]:
@@ -162,6 +163,9 @@ class TextTower(nn.Module):
                 self.encoder = AutoModel.from_pretrained(path, config=config, local_files_only=local, **kwargs)
         else:
             self.encoder = AutoModel.from_config(config, **kwargs)
+        # Dropout masks drawn 3-4x faster on a CPU (models/dropout.py); no weight or state-dict key changes.
+        use_cheap_text_attention(self.encoder)
+        use_cheap_dropout(self.encoder)
         table = self.encoder.get_input_embeddings()
         if type(table) is nn.Embedding:
             self.encoder.set_input_embeddings(RowGradEmbedding.like(table))
