@@ -186,3 +186,21 @@ def test_the_backbone_uses_them_and_its_state_dict_is_unchanged():
     ours = backbone.text(ids, am)
     encoder.set_attn_implementation("sdpa")
     torch.testing.assert_close(backbone.text(ids, am), ours, rtol=0, atol=0)
+
+
+def test_a_pickled_backbone_runs_in_a_fresh_process(tmp_path):
+    # A spawned DDP worker or a pickled model object names "umd_sdpa" in its text config; unpickling must find it.
+    import subprocess
+    import sys
+
+    backbone = UMDBackbone(preset("tiny"))
+    path = tmp_path / "backbone.pt"
+    torch.save(backbone, path)
+    script = (
+        f"import torch; b = torch.load({str(path)!r}, weights_only=False); b.train();"
+        "ids = torch.randint(5, 100, (2, 7)); out = b.text(ids, torch.ones(2, 7, dtype=torch.long));"
+        "print(b.text.encoder.config._attn_implementation, tuple(out.shape))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == TEXT_ATTENTION

@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
 _WORD = 2**32
 
@@ -130,8 +133,6 @@ def text_attention(
     """``transformers``' SDPA attention, except that a bidirectional encoder's dropped attention weights on a CPU
     go through :func:`attention`; anything else (evaluation, a GPU, causal or biased or grouped attention) is
     handed to ``transformers``' own SDPA function unchanged."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     plain = (
         not getattr(module, "is_causal", False)
         and kwargs.get("is_causal") in (None, False)
@@ -145,20 +146,21 @@ def text_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+# Registered on import, not when a model is switched: a model unpickled in another process (a spawned worker, a
+# pickled checkpoint object) names this implementation in its config, and transformers refuses unknown names.
+AttentionInterface.register(TEXT_ATTENTION, text_attention)
+AttentionMaskInterface.register(TEXT_ATTENTION, sdpa_mask)
+
+
 def use_cheap_text_attention(encoder: nn.Module) -> bool:
-    """Switch a ``transformers`` model that uses SDPA attention to :func:`text_attention` (registered on first
-    use, with SDPA's mask function). Models that do not use the attention interface are left as they are.
+    """Switch a ``transformers`` model that uses SDPA attention to :func:`text_attention` (with SDPA's mask
+    function). Models that do not use the attention interface are left as they are.
 
     Returns:
         Whether the model was switched.
     """
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
     config = getattr(encoder, "config", None)
     if config is None or config._attn_implementation != "sdpa" or not encoder._can_set_attn_implementation():
         return False
-    AttentionInterface.register(TEXT_ATTENTION, text_attention)
-    AttentionMaskInterface.register(TEXT_ATTENTION, sdpa_mask)
     encoder.set_attn_implementation(TEXT_ATTENTION)
     return True
