@@ -166,6 +166,86 @@ def test_text_attention_hands_everything_but_training_dropout_to_transformers():
     torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_attention_under_cpu_bf16_autocast_runs_the_fused_kernel_in_fp32(mask_kind):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    mask = {
+        "none": None,
+        "bool": torch.tensor([[True] * 9, [True] * 5 + [False] * 4])[:, None, None, :],
+        "float": torch.randn(2, 1, 9, 9, generator=gen).bfloat16(),
+    }[mask_kind]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16
+    upcast = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    fp32_mask = mask if mask is None or mask.dtype == torch.bool else mask.float()
+    expected = F.scaled_dot_product_attention(*upcast, attn_mask=fp32_mask)
+    torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)
+    grad = torch.randn(out.shape, generator=gen).bfloat16()
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    theirs = torch.autograd.grad(expected, upcast, grad.float())
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b.bfloat16(), rtol=0, atol=0)
+    # without autocast it is PyTorch's call as it is
+    plain = attention(*(t.detach().float() for t in (q, k, v)), fp32_mask)
+    torch.testing.assert_close(plain, expected.detach(), rtol=0, atol=0)
+
+
+def test_text_attention_under_bf16_autocast_takes_the_fp32_kernel():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=gen).bfloat16() for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    module = nn.Module()
+    module.is_causal = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, _ = text_attention(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(ours, expected.bfloat16().transpose(1, 2), rtol=0, atol=0)
+
+
+def test_timm_attention_in_the_vision_tower_and_mim_decoder_is_tower_attention():
+    from timm.layers import Attention
+
+    from umd_lightning.models.heads import MIMDecoder
+    from umd_lightning.models.vision import TowerAttention, use_tower_attention
+
+    cfg = preset("tiny")
+    backbone = UMDBackbone(cfg)
+    decoder = MIMDecoder(cfg.fusion.width, cfg.decoder, cfg.vision.patch_size, cfg.vision.width)
+    for module in (backbone.vision, decoder):
+        found = [m for m in module.modules() if isinstance(m, Attention)]
+        assert found and all(type(m) is TowerAttention for m in found)
+    # No state of its own: the keys of a freshly switched block are timm's.
+    block = Attention(16, num_heads=2, qkv_bias=True)
+    keys = set(block.state_dict())
+    assert use_tower_attention(nn.Sequential(block)) == 1 and type(block) is TowerAttention
+    assert set(block.state_dict()) == keys
+    x = torch.randn(2, 7, 16)
+    block.train()
+    # fp32: timm's computation exactly; bf16 autocast: the same with the attention itself in fp32.
+    torch.testing.assert_close(block(x), Attention.forward(block, x), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = block(x)
+        qkv = block.qkv(x).reshape(2, 7, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        with torch.autocast("cpu", enabled=False):
+            mixed = F.scaled_dot_product_attention(*(t.float() for t in qkv.unbind(0))).bfloat16()
+        expected = block.proj(mixed.transpose(1, 2).reshape(2, 7, 16))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    # Dropped attention weights are drawn by drop_mask, as in the fusion.
+    block.attn_drop.p = 0.25
+    torch.manual_seed(8)
+    out = block(x)
+    q, k, v = block.qkv(x).reshape(2, 7, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+    torch.manual_seed(8)
+    dropped = drop_mask((2, 2, 7, 7), 0.25)
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    hand = _hand_attention(q, k, v, keep, dropped, 0.25)
+    torch.testing.assert_close(out, block.proj(hand.transpose(1, 2).reshape(2, 7, 16)), rtol=1e-5, atol=1e-6)
+
+
 def test_the_backbone_uses_them_and_its_state_dict_is_unchanged():
     tiny = preset("tiny")
     text_overrides = {**tiny.text.overrides, "hidden_dropout_prob": 0.1}

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from umd_lightning.models.config import DecoderConfig
 from umd_lightning.models.fusion import init_new_weights
+from umd_lightning.models.vision import use_tower_attention
 
 
 def sincos_pos_embed_2d(
@@ -70,6 +71,7 @@ class MIMDecoder(nn.Module):
             Block(cfg.width, cfg.heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm, act_layer=act_layer)
             for _ in range(cfg.depth)
         )
+        use_tower_attention(self.blocks)
         self.norm = nn.LayerNorm(cfg.width)
         self.pixel_out = nn.Linear(cfg.width, patch_size * patch_size * 3)
         self.feature_out = nn.Linear(cfg.width, feature_dim)

@@ -8,15 +8,45 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import Attention, resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from umd_lightning.models.config import VisionConfig
+from umd_lightning.models.dropout import attention
 from umd_lightning.weights import read_state_dict
 
 log = logging.getLogger("umd_lightning")
+
+
+class TowerAttention(Attention):
+    """timm's ViT attention whose fused path goes through :func:`umd_lightning.models.dropout.attention`: on a CPU
+    it runs in fp32 under ``bf16-mixed`` (faster there) and draws dropped attention weights cheaply; elsewhere it
+    is timm's. Same submodules, so the same state-dict keys; timm's own forward runs whatever this does not cover
+    (masks, causal attention, gates, the unfused path)."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if not self.fused_attn or attn_mask is not None or is_causal or getattr(self, "gate", None) is not None:
+            return super().forward(x, attn_mask, is_causal)
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(batch, tokens, -1))
+        return self.proj_drop(self.proj(x))
+
+
+def use_tower_attention(module: nn.Module) -> int:
+    """Make every plain timm ``Attention`` inside ``module`` a :class:`TowerAttention` (a subclass adding no state,
+    so weights, state-dict keys and checkpoints are unchanged). Returns how many were switched."""
+    switched = 0
+    for child in module.modules():
+        if type(child) is Attention:
+            child.__class__ = TowerAttention
+            switched += 1
+    return switched
 
 
 class VisionTower(nn.Module):
@@ -56,6 +86,7 @@ class VisionTower(nn.Module):
         )
         if not isinstance(self.vit, VisionTransformer):
             raise ValueError(f"{cfg.arch!r} is not a timm VisionTransformer")
+        use_tower_attention(self.vit)
         if self.vit.cls_token is None or self.vit.reg_token is not None or self.vit.pos_embed is None:
             raise ValueError(f"{cfg.arch!r}: the tower needs a class token, no register tokens and a pos_embed")
         self.width: int = self.vit.embed_dim
