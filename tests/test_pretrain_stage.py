@@ -115,6 +115,43 @@ def test_separate_mask_mode_runs_both_passes():
     assert set(terms) == {"mim", "mlm", "feamim", "feamlm", "itm", "loss"}
 
 
+@pytest.mark.parametrize("mask_mode", ["joint", "separate"])
+def test_one_text_tower_call_serves_every_student_pass(mask_mode):
+    # The student's passes share one call of the text tower (stacked along the batch); each pass must still get
+    # its own texts: recomputed pass by pass through the backbone's forward, the terms are the same (evaluation
+    # mode, so that no dropout draw differs).
+    from umd_lightning import losses
+    from umd_lightning.models.masking import normalized_pixel_targets, patchify, random_masking
+    from umd_lightning.stages.reconstruction import fusion_layer
+
+    model = tiny(mask_mode=mask_mode).eval()
+    batch = make_batch()
+    backbone = model.backbone
+    calls = []
+    embed_text = backbone.embed_text
+    backbone.embed_text = lambda ids, mask: calls.append(ids.shape[0]) or embed_text(ids, mask)
+    terms, _ = model.reconstruction_losses(batch, torch.Generator().manual_seed(3))
+    del backbone.embed_text
+    assert calls == [4 * (2 if mask_mode == "joint" else 3)]
+
+    pixels, ids, am = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    gen = torch.Generator().manual_seed(3)
+    keep, mask = random_masking(4, 16, 0.75, None, gen)
+    itm_pixels, itm_labels = model.swap_images(pixels, gen)
+    with torch.no_grad():
+        text_out = backbone(pixels, batch["mlm_input_ids"], am, keep if mask_mode == "joint" else None)
+        image_out = backbone(pixels, batch["mlm_input_ids"] if mask_mode == "joint" else ids, am, keep)
+        itm_out = backbone(itm_pixels, ids, am)
+        masked = batch["mlm_labels"] != losses.IGNORE_INDEX
+        mlm = losses.mlm_loss(model.mlm_head(text_out.text_feats[masked]), batch["mlm_labels"][masked])
+        tokens = fusion_layer(image_out.image_layers, model.backbone_config.decoder.mim_layer)
+        pixel_pred, _ = model.mim_decoder(tokens, keep, (4, 4))
+        mim = losses.mim_loss(pixel_pred, normalized_pixel_targets(patchify(pixels, 8)), mask)
+        itm = losses.itm_loss(model.itm_head(itm_out.pooled), itm_labels)
+    for name, expected in (("mlm", mlm), ("mim", mim), ("itm", itm)):
+        assert terms[name].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6), name
+
+
 def test_total_loss_weights():
     model = tiny(alpha=0.25, w_itm=2.0, w_mim=3.0)
     terms, _ = model.reconstruction_losses(make_batch())

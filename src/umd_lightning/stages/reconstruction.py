@@ -7,6 +7,9 @@ One training step runs up to three passes:
 2. the EMA teacher on the full image and text, without gradients (only when a feature loss is on),
 3. the student on unmasked pairs, half of them with a swapped image, for ITM (only when ``w_itm > 0``).
 
+The student's passes 1 and 3 share one call of the text tower, their texts stacked along the batch
+(:meth:`ReconstructionStage._student_texts`).
+
 ``loss = w_itm * L_ITM + alpha * (w_mim * L_MIM + w_mlm * L_MLM + w_feamim * L_FeaMIM + w_feamlm * L_FeaMLM)``
 ``+ itc_weight * L_ITC``; a weight of 0 skips that term's computation. The optional ITC term (off by default) reads
 the towers' embedded tokens of pass 1, so it needs no pass of its own.
@@ -15,6 +18,7 @@ the towers' embedded tokens of pass 1, so it needs no pass of its own.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -213,11 +217,14 @@ class ReconstructionStage(UMDStage):
 
         keep, mask = random_masking(batch_size, num_patches, hp.mask_ratio_image, pixels.device, generator)
         embedded: dict[str, Tensor] = {}
+        # A last evaluation batch of one sample has nothing to swap with: ITM is left out of that batch only.
+        itm = hp.w_itm > 0 and (batch_size >= 2 or self.training)
+        student_texts = self._student_texts(batch, need_image, need_text, itm)
 
-        def student(ids: Tensor, keep_indices: Tensor | None) -> BackboneOutput:
+        def student(keep_indices: Tensor | None) -> BackboneOutput:
             # The backbone's forward, step by step, keeping the first pass's tower outputs for the ITC term.
             image = self.backbone.embed_image(pixels, keep_indices)
-            text = self.backbone.embed_text(ids, attention_mask)
+            text = next(student_texts)
             embedded.setdefault("image", image)
             embedded.setdefault("text", text)
             return self.backbone.fuse(text, attention_mask, image)
@@ -226,12 +233,12 @@ class ReconstructionStage(UMDStage):
         image_out: BackboneOutput | None = None
         if need_image or need_text:
             if hp.mask_mode == "joint":
-                text_out = image_out = student(batch["mlm_input_ids"], keep)
+                text_out = image_out = student(keep)
             else:
                 if need_text:
-                    text_out = student(batch["mlm_input_ids"], None)
+                    text_out = student(None)
                 if need_image:
-                    image_out = student(input_ids, keep)
+                    image_out = student(keep)
 
         teacher_out = self.teacher(pixels, input_ids, attention_mask) if self.teacher is not None else None
         mim_layer = self.backbone_config.decoder.mim_layer
@@ -271,10 +278,9 @@ class ReconstructionStage(UMDStage):
                         self.feamlm_predictor, text_out.text_feats, teacher_out.text_feats
                     )
 
-        # A last evaluation batch of one sample has nothing to swap with: ITM is left out of that batch only.
-        if hp.w_itm > 0 and (batch_size >= 2 or self.training):
+        if itm:
             itm_pixels, itm_labels = self.swap_images(pixels, generator)
-            itm_out = self.backbone(itm_pixels, input_ids, attention_mask, None)
+            itm_out = self.backbone.fuse(next(student_texts), attention_mask, self.backbone.embed_image(itm_pixels))
             itm_logits = self.itm_head(itm_out.pooled)
             terms["itm"] = losses.itm_loss(itm_logits, itm_labels)
             metrics["itm_acc"] = (itm_logits.detach().argmax(-1) == itm_labels).float().mean()
@@ -305,6 +311,25 @@ class ReconstructionStage(UMDStage):
             total = total + hp.itc_weight * terms["itc"]
         terms["loss"] = total
         return terms, metrics
+
+    def _student_texts(self, batch: dict[str, Any], need_image: bool, need_text: bool, itm: bool) -> Iterator[Tensor]:
+        """The embedded texts of the student's passes, in the order the passes run (masked text first, unmasked
+        after), from one call of the text tower on all of them stacked along the batch.
+
+        The tower treats each sample on its own, so this is what one call per pass computes (the dropout draws
+        aside), with matrix products twice as tall and one weight gradient per step instead of one per pass
+        added into the last (a ``small`` pre-training step has two such passes).
+        """
+        if self.hparams.mask_mode == "joint":
+            ids = [batch["mlm_input_ids"]] if need_image or need_text else []
+        else:
+            ids = ([batch["mlm_input_ids"]] if need_text else []) + ([batch["input_ids"]] if need_image else [])
+        if itm:
+            ids.append(batch["input_ids"])
+        if not ids:
+            return iter(())
+        mask = batch["attention_mask"]
+        return iter(self.backbone.embed_text(torch.cat(ids), mask.repeat(len(ids), 1)).chunk(len(ids)))
 
     def swap_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Swap the image of a random ``itm_swap_prob`` share of the pairs for another sample's (never its own).
