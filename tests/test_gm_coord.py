@@ -163,6 +163,28 @@ def test_rescale_noise_is_reproducible_and_skips_missing_grads() -> None:
         assert not torch.equal(alone.grad, other.grad), (seed, step)
 
 
+def test_cpu_noise_comes_from_per_parameter_seeds_whatever_the_thread_count() -> None:
+    grads = [torch.randn(300, 7), torch.randn(5), torch.randn(2, 3, 4)]
+    results = []
+    for threads in (1, 2, 3):
+        params = [_param_with_grad(g) for g in grads]
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            rescale_(params, 0.5, True, 2.0, noise_generator(5, 9))
+        finally:
+            torch.set_num_threads(previous)
+        results.append([p.grad for p in params])
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+    # By hand: one 32-bit seed per gradient from the step's generator, in order; N(0, 1) from each seed.
+    seeds = torch.randint(0, 2**32, (3,), generator=noise_generator(5, 9)).tolist()
+    for grad, seed, got in zip(grads, seeds, results[0], strict=True):
+        normals = torch.randn(grad.shape, generator=torch.Generator().manual_seed(seed))
+        expected = 0.5 * grad + normals * (grad.std() + 1e-8) * 2.0
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The callback in a Trainer, on a toy module following the GMCoordModule contract
 
