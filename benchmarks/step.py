@@ -11,7 +11,7 @@ For each preset x precision x text-length mode, in a fresh process (so that peak
 * **FLOPs per step**, counted by ``torch.utils.flop_counter.FlopCounterMode`` over one step's forward and
   backward (matmuls, convolutions and attention; element-wise work is not counted, so MFU is a lower bound);
 * **the machine's matmul peak for that dtype, measured in the same run** (the best of several large square
-  matmuls) and **MFU** = FLOPs / step time / that peak;
+  matmuls, on a CPU with PyTorch's own kernel and with oneDNN's) and **MFU** = FLOPs / step time / that peak;
 * **peak memory**: process RSS high-water mark on the CPU (it includes Python and the libraries),
   ``torch.cuda.max_memory_allocated`` on a GPU;
 * **the share of each part**, from the same timed steps: forward + losses, backward, GM-Coord, AdamW, EMA, and
@@ -49,17 +49,27 @@ MEDPIX = REPO.parent / "shared" / "data" / "medpix_2_0"
 
 # ------------------------------------------------------------------------------------------------ machine peak
 def matmul_peak(dtype: torch.dtype, device: torch.device, size: int | None = None, repeats: int = 6) -> float:
-    """Best FLOP/s of ``size x size`` matmuls in ``dtype`` (2 n^3 FLOPs each)."""
+    """Best FLOP/s of ``size x size`` matmuls in ``dtype`` (2 n^3 FLOPs each).
+
+    On a CPU the best of PyTorch's own matmul (MKL for fp32) and oneDNN's (what ``models/linear.py`` runs fp32
+    linears on): on AMD CPUs MKL's fp32 path uses AVX2 only, about half of what the cores can do, so a peak taken
+    from it alone would overstate every MFU.
+    """
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
+    kernels = [lambda: a @ b]
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    if device.type == "cpu" and onednn is not None:
+        kernels.append(lambda: onednn(a, b, None, "none", [], ""))
     best = float("inf")
-    for _ in range(repeats + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        (a @ b).sum()
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    for kernel in kernels:
+        for _ in range(repeats + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            kernel().sum()
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 

@@ -12,6 +12,7 @@ from umd_lightning.errors import ConfigError
 from umd_lightning.models.config import BackboneConfig
 from umd_lightning.models.dropout import use_cheap_dropout
 from umd_lightning.models.fusion import FusionEncoder, init_new_weights
+from umd_lightning.models.linear import Linear
 from umd_lightning.models.text import TextTower
 from umd_lightning.models.vision import VisionTower
 
@@ -65,7 +66,7 @@ class Pooler(nn.Module):
         if mode not in ("first", "mean"):
             raise ConfigError(f"pooling must be 'first' or 'mean', got {mode!r}")
         self.mode = mode
-        self.linear = nn.Linear(width, width)
+        self.linear = Linear(width, width)
 
     def forward(self, tokens: Tensor) -> Tensor:
         summary = tokens[:, 0] if self.mode == "first" else tokens.mean(dim=1)
@@ -89,8 +90,8 @@ class UMDBackbone(nn.Module):
         self.width: int = cfg.fusion.width
         self.vision = VisionTower(cfg.vision, cfg.image_size)
         self.text = TextTower(cfg.text)
-        self.text_proj = nn.Linear(self.text.width, self.width)
-        self.image_proj = nn.Linear(self.vision.width, self.width)
+        self.text_proj = Linear(self.text.width, self.width)
+        self.image_proj = Linear(self.vision.width, self.width)
         self.type_embed = nn.Embedding(2, self.width)
         self.fusion = FusionEncoder(cfg.fusion)
         self.text_pooler = Pooler(self.width, cfg.pooling)

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from umd_lightning.models.config import FusionConfig
 from umd_lightning.models.dropout import Dropout, attention
+from umd_lightning.models.linear import Linear
 
 INIT_STD = 0.02
 
@@ -45,10 +46,10 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"fusion width {width} is not divisible by {heads} heads")
         self.heads = heads
         self.dropout = dropout
-        self.query = nn.Linear(width, width)
-        self.key = nn.Linear(width, width)
-        self.value = nn.Linear(width, width)
-        self.out = nn.Linear(width, width)
+        self.query = Linear(width, width)
+        self.key = Linear(width, width)
+        self.value = Linear(width, width)
+        self.out = Linear(width, width)
 
     def _split(self, x: Tensor) -> Tensor:
         b, n, d = x.shape
@@ -84,7 +85,7 @@ class CoAttentionLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.width, cfg.heads, cfg.dropout)
         self.cross_attn = MultiHeadAttention(cfg.width, cfg.heads, cfg.dropout)
         self.ffn = nn.Sequential(
-            nn.Linear(cfg.width, cfg.ffn), nn.GELU(), Dropout(cfg.dropout), nn.Linear(cfg.ffn, cfg.width)
+            Linear(cfg.width, cfg.ffn), nn.GELU(), Dropout(cfg.dropout), Linear(cfg.ffn, cfg.width)
         )
         self.self_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
         self.cross_norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)

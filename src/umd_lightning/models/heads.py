@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from umd_lightning.models.config import DecoderConfig
 from umd_lightning.models.fusion import init_new_weights
+from umd_lightning.models.linear import Linear, use_onednn_linear
 from umd_lightning.models.vision import use_tower_attention
 
 
@@ -64,7 +65,7 @@ class MIMDecoder(nn.Module):
         super().__init__()
         self.width = cfg.width
         self.pos_embed_layout = cfg.pos_embed
-        self.embed = nn.Linear(in_dim, cfg.width)
+        self.embed = Linear(in_dim, cfg.width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         act_layer = get_act_layer(cfg.act)
         self.blocks = nn.ModuleList(
@@ -72,9 +73,10 @@ class MIMDecoder(nn.Module):
             for _ in range(cfg.depth)
         )
         use_tower_attention(self.blocks)
+        use_onednn_linear(self.blocks)
         self.norm = nn.LayerNorm(cfg.width)
-        self.pixel_out = nn.Linear(cfg.width, patch_size * patch_size * 3)
-        self.feature_out = nn.Linear(cfg.width, feature_dim)
+        self.pixel_out = Linear(cfg.width, patch_size * patch_size * 3)
+        self.feature_out = Linear(cfg.width, feature_dim)
         self.apply(init_new_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -125,8 +127,8 @@ class MLMHead(nn.Module):
 
     def __init__(self, width: int, vocab_size: int, norm_eps: float = 1e-5) -> None:
         super().__init__()
-        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=norm_eps))
-        self.decoder = nn.Linear(width, vocab_size)
+        self.transform = nn.Sequential(Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=norm_eps))
+        self.decoder = Linear(width, vocab_size)
         self.apply(init_new_weights)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -141,7 +143,7 @@ class ITMHead(nn.Module):
 
     def __init__(self, width2: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(width2, 2)
+        self.linear = Linear(width2, 2)
         self.apply(init_new_weights)
 
     def forward(self, pooled: Tensor) -> Tensor:
@@ -156,7 +158,7 @@ class FeaturePredictor(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+        self.mlp = nn.Sequential(Linear(width, width), nn.GELU(), Linear(width, width))
         self.apply(init_new_weights)
 
     def forward(self, features: Tensor) -> Tensor:
@@ -173,8 +175,8 @@ class ClassifierHead(nn.Module):
 
     def __init__(self, in_dim: int, num_outputs: int) -> None:
         super().__init__()
-        self.hidden = nn.Sequential(nn.Linear(in_dim, in_dim), nn.LayerNorm(in_dim), nn.GELU())
-        self.final = nn.Linear(in_dim, num_outputs)
+        self.hidden = nn.Sequential(Linear(in_dim, in_dim), nn.LayerNorm(in_dim), nn.GELU())
+        self.final = Linear(in_dim, num_outputs)
         self.apply(init_new_weights)
 
     def forward(self, pooled: Tensor) -> Tensor:
@@ -189,7 +191,7 @@ class RetrievalHead(nn.Module):
 
     def __init__(self, in_dim: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_dim, 1)
+        self.linear = Linear(in_dim, 1)
         self.apply(init_new_weights)
 
     @torch.no_grad()
@@ -224,8 +226,8 @@ class ITCHead(nn.Module):
         super().__init__()
         if dim < 1 or temperature <= 0.0:
             raise ValueError(f"ITCHead needs dim >= 1 and temperature > 0, got dim={dim}, temperature={temperature}")
-        self.image_proj = nn.Linear(width, dim)
-        self.text_proj = nn.Linear(width, dim)
+        self.image_proj = Linear(width, dim)
+        self.text_proj = Linear(width, dim)
         self.apply(init_new_weights)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 

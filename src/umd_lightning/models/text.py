@@ -16,6 +16,7 @@ from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer, Pr
 from umd_lightning.errors import ConfigError
 from umd_lightning.models.config import TextConfig, resolve_text_model
 from umd_lightning.models.dropout import use_cheap_dropout, use_cheap_text_attention
+from umd_lightning.models.linear import use_onednn_linear
 
 
 def _resolve(name_or_path: str) -> tuple[str, bool]:
@@ -166,6 +167,7 @@ class TextTower(nn.Module):
         # Dropout masks drawn 3-4x faster on a CPU (models/dropout.py); no weight or state-dict key changes.
         use_cheap_text_attention(self.encoder)
         use_cheap_dropout(self.encoder)
+        use_onednn_linear(self.encoder)  # CPU fp32 products on oneDNN (models/linear.py)
         table = self.encoder.get_input_embeddings()
         if type(table) is nn.Embedding:
             self.encoder.set_input_embeddings(RowGradEmbedding.like(table))

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from umd_lightning.models.config import VisionConfig
 from umd_lightning.models.dropout import attention
+from umd_lightning.models.linear import use_onednn_linear
 from umd_lightning.weights import read_state_dict
 
 log = logging.getLogger("umd_lightning")
@@ -87,6 +88,7 @@ class VisionTower(nn.Module):
         if not isinstance(self.vit, VisionTransformer):
             raise ValueError(f"{cfg.arch!r} is not a timm VisionTransformer")
         use_tower_attention(self.vit)
+        use_onednn_linear(self.vit)  # CPU fp32 products on oneDNN (models/linear.py); same keys
         if self.vit.cls_token is None or self.vit.reg_token is not None or self.vit.pos_embed is None:
             raise ValueError(f"{cfg.arch!r}: the tower needs a class token, no register tokens and a pos_embed")
         self.width: int = self.vit.embed_dim

@@ -30,6 +30,7 @@ from umd_lightning.errors import StageError, check_range
 from umd_lightning.models.backbone import BackboneOutput
 from umd_lightning.models.ema import EMATeacher
 from umd_lightning.models.heads import FeaturePredictor, ITCHead, ITMHead, MIMDecoder, MLMHead
+from umd_lightning.models.linear import Linear
 from umd_lightning.models.masking import normalized_pixel_targets, patchify, random_masking
 from umd_lightning.stages.base import Schedule, UMDStage
 from umd_lightning.stages.itc import itc_term
@@ -128,7 +129,7 @@ class ReconstructionStage(UMDStage):
         uses_features = w_feamim > 0 or w_feamlm > 0
         self.feamlm_predictor = FeaturePredictor(width) if w_feamlm > 0 else None
         if feature_loss == "reference" and w_feamlm > 0:
-            self.feamlm_predictor = nn.Linear(width, width)
+            self.feamlm_predictor = Linear(width, width)
         self.teacher = EMATeacher(self.backbone, ema_momentum) if uses_features else None
         for parameter in self.unused_parameters():
             parameter.requires_grad_(False)
