@@ -64,6 +64,22 @@ def test_dropout_zeroes_the_mask_and_scales_the_rest_forward_and_backward():
     torch.testing.assert_close(x.grad, torch.where(dropped, 0.0, grad / 0.6), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dropout_is_exactly_the_masked_scale_in_every_dtype(dtype):
+    # The multiplier carries the scale only where the dtype holds 1 / (1 - p) as fp32 does; in bf16 it would be
+    # rounded (1 / 0.9 -> 1.109), so there the scale is applied apart, in fp32, as PyTorch's scalar multiply does.
+    x = torch.randn(9, 31, dtype=dtype, requires_grad=True)
+    torch.manual_seed(4)
+    dropped = drop_mask(x.shape, 0.1)
+    torch.manual_seed(4)
+    out = dropout(x, 0.1)
+    assert out.dtype == dtype
+    assert torch.equal(out, x.detach().masked_fill(dropped, 0).mul_(1 / 0.9))
+    grad = torch.randn_like(x)
+    out.backward(grad)
+    assert torch.equal(x.grad, grad.masked_fill(dropped, 0).mul_(1 / 0.9))
+
+
 def test_dropout_gradient_by_finite_differences():
     x = torch.randn(5, 7, dtype=torch.double, requires_grad=True)
 

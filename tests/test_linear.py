@@ -152,3 +152,12 @@ def test_a_pretraining_step_on_onednn_gives_pytorchs_losses_and_gradients(counte
     for name, grad in grads.items():
         scale = aten_grads[name].abs().max().item()
         assert (grad - aten_grads[name]).abs().max().item() <= 1e-3 * scale + 1e-7, name
+
+
+@needs_onednn
+def test_the_flop_counter_counts_the_onednn_products():
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    weight = torch.randn(4, 8, requires_grad=True)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        L.linear(x, weight).sum().backward()
+    assert counter.get_total_flops() == 3 * 2 * 15 * 8 * 4  # the product and both gradients

@@ -21,12 +21,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.utils.flop_counter import register_flop_formula
 
 _ONEDNN_LINEAR = (
     getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
     else None
 )
+
+if _ONEDNN_LINEAR is not None:
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        """2 M K N, as for ``aten.mm``, so that ``FlopCounterMode`` counts these products too."""
+        rows = 1
+        for size in x_shape[:-1]:
+            rows *= size
+        return 2 * rows * x_shape[-1] * weight_shape[0]
+
 
 CPU_MATMUL = os.environ.get("UMD_CPU_MATMUL", "onednn")
 """``onednn`` (default): CPU fp32 linears on oneDNN where PyTorch has it (x86-64); ``aten``: PyTorch's own."""
