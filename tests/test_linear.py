@@ -3,6 +3,10 @@ to ``F.linear``, and every linear of the three stages taking the path with the s
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -161,3 +165,12 @@ def test_the_flop_counter_counts_the_onednn_products():
     with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
         L.linear(x, weight).sum().backward()
     assert counter.get_total_flops() == 3 * 2 * 15 * 8 * 4  # the product and both gradients
+
+
+def test_a_wrong_umd_cpu_matmul_is_named_at_import():
+    env = {**os.environ, "UMD_CPU_MATMUL": "mkl"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import umd_lightning.models"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "UMD_CPU_MATMUL='mkl'" in done.stderr and "onednn or aten" in done.stderr

@@ -42,6 +42,8 @@ if _ONEDNN_LINEAR is not None:
 
 CPU_MATMUL = os.environ.get("UMD_CPU_MATMUL", "onednn")
 """``onednn`` (default): CPU fp32 linears on oneDNN where PyTorch has it (x86-64); ``aten``: PyTorch's own."""
+if CPU_MATMUL not in ("onednn", "aten"):
+    raise ValueError(f"UMD_CPU_MATMUL={CPU_MATMUL!r} in the environment: set it to onednn or aten, or unset it")
 
 
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
