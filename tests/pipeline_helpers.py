@@ -3,8 +3,10 @@ tests/), and the quiet in-process Trainers (one process, or two under DDP) the o
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,45 @@ import lightning.pytorch as pl
 import torch
 
 
+class ExitWithoutFinalising(pl.Callback):
+    """In each spawned DDP process: once Python's exit handlers have run, end the process with its exit status
+    (``os._exit``), without the interpreter's finalisation.
+
+    Why: with gloo, torch's process-group threads release finished collectives (DDP's gradient all-reduces,
+    all-gathers) on their own time. One released while the interpreter finalises needs the GIL, is refused, and the
+    C++ runtime aborts the process ("terminate called without an active exception", SIGABRT) after a run that
+    finished (core dumps: ``ProcessGroupGloo::runLoop`` -> ``~AsyncAllreduceWork`` -> ``take_gil`` ->
+    ``pthread_exit``). It failed 1-2 in 12 runs of a 2-process test on 2 busy cores. The exit status is kept
+    (``sys.exit`` is watched), so a failing process still fails the test.
+    """
+
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+        self.status = 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if os.getpid() == self.parent:
+            return
+        original = sys.exit
+
+        def watched(status: Any = None) -> None:
+            self.status = status if isinstance(status, int) else (0 if status is None else 1)
+            original(status)
+
+        sys.exit = watched
+        atexit.register(self._exit)  # registered last, so it runs first
+
+    def _exit(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(self.status)
+
+
 def quiet_trainer(**overrides: Any) -> pl.Trainer:
-    """A CPU Trainer with no logger, checkpoints, progress bar, summary or validation (``overrides`` on top)."""
+    """A CPU Trainer with no logger, checkpoints, progress bar, summary or validation (``overrides`` on top); a
+    spawned DDP run ends its processes with :class:`ExitWithoutFinalising`."""
+    if overrides.get("strategy") == "ddp_spawn":
+        overrides = {**overrides, "callbacks": [*overrides.get("callbacks", []), ExitWithoutFinalising()]}
     options: dict[str, Any] = {
         "accelerator": "cpu",
         "logger": False,
