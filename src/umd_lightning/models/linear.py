@@ -47,7 +47,8 @@ if CPU_MATMUL not in ("onednn", "aten"):
 
 
 def _product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """(M, K) x (N, K)^T (+ bias) -> (M, N) on oneDNN; either operand may be a transposed view."""
+    """(M, K) x (N, K)^T (+ bias) -> (M, N) on oneDNN. The weight may be a transposed view; a non-contiguous
+    ``x`` (the weight gradient's ``grad.t()``) is first copied by the op, which still beats MKL's product."""
     return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
 
 
