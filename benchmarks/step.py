@@ -59,6 +59,8 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, size: int | None = Non
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     kernels = [lambda: a @ b]
+    # The op is looked up here, not taken from models/linear.py: with --compare this runs against older
+    # checkouts, which have no such module.
     onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
     if device.type == "cpu" and onednn is not None:
         kernels.append(lambda: onednn(a, b, None, "none", [], ""))
