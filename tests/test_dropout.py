@@ -24,20 +24,48 @@ from umd_lightning.models.fusion import MultiHeadAttention
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_drop_mask_rate_in_both_halves_of_each_draw(p):
+def test_drop_mask_rate_in_each_quarter_of_each_draw(p):
     torch.manual_seed(0)
-    count = 1_000_001  # odd: the last draw is half used
+    count = 1_000_003  # not a multiple of 4: the last draw is part used
     mask = drop_mask((count,), p)
     assert mask.dtype == torch.bool and mask.shape == (count,)
-    sigma = math.sqrt(p * (1 - p) / (count / 2))
-    # Each 64-bit draw gives an even and an odd element: a draw whose top bit were fixed (as ``random_()``
-    # without bounds gives) would drop none or all of one of them.
-    for half in (mask[0::2], mask[1::2]):
-        assert abs(half.float().mean().item() - p) < 5 * sigma
-    # The two elements of a draw are independent: their correlation is that of independent draws (about 1e-3).
-    pairs = mask[: count - 1].view(-1, 2).float()
-    corr = torch.corrcoef(pairs.T)[0, 1].item()
-    assert abs(corr) < 5 / math.sqrt(pairs.shape[0])
+    sigma = math.sqrt(p * (1 - p) / (count / 4))
+    # Each 64-bit draw gives four elements: a draw whose top bit were fixed (as ``random_()`` without bounds
+    # gives) would drop none or all of one of them.
+    for quarter in range(4):
+        assert abs(mask[quarter::4].float().mean().item() - p) < 5 * sigma
+    # The four elements of a draw are independent: each pair's correlation is that of independent draws.
+    lanes = mask[: count - count % 4].view(-1, 4).float()
+    corr = torch.corrcoef(lanes.T)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert abs(corr[i, j].item()) < 5 / math.sqrt(lanes.shape[0])
+
+
+def test_drop_mask_compares_each_16_bit_quarter_of_a_draw_with_p_times_2_to_the_16():
+    # The reference reads the generator's 64-bit words with shifts (not views): element 4 i + j is dropped when
+    # bits 16 j .. 16 j + 15 of word i, read as a signed 16-bit number, are below -32768 + round(p * 65536).
+    p, count = 0.3, 4 * 500 + 3
+    torch.manual_seed(7)
+    words = torch.empty(501, dtype=torch.int64).random_(-(2**63), None).tolist()
+    expected = []
+    for word in words:
+        for j in range(4):
+            lane = ((word % 2**64) >> (16 * j)) & 0xFFFF
+            lane = lane - 2**16 if lane >= 2**15 else lane
+            expected.append(lane < -(2**15) + round(p * 2**16))
+    torch.manual_seed(7)
+    assert drop_mask((count,), p).tolist() == expected[:count]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_p_next_to_0_or_1_drops_nothing_or_everything(dtype):
+    # p within 2**-17 of 0 or 1 rounds to 0 or 1; near 1 the threshold is past the int16 range.
+    x = torch.randn(3, 1000, dtype=dtype)
+    assert not drop_mask(x.shape, 2**-18).any()
+    assert drop_mask(x.shape, 1 - 2**-18).all()
+    assert torch.equal(dropout(x, 2**-18), x * (1 / (1 - 2**-18)))
+    assert not dropout(x, 1 - 2**-18).any()
 
 
 def test_drop_mask_follows_the_seed():

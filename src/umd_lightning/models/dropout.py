@@ -1,13 +1,14 @@
 """Dropout whose masks are cheap to draw on a CPU, and attention that drops its weights with them.
 
-PyTorch draws a CPU dropout mask with ``bernoulli_``, one generator call per element: about 7 ns an element on
-the 2-core AMD host the project is measured on, where a multiply costs 0.3 ns, so the masks of a ``small``
-pre-training step (10.6 M elements) take 8 % of it. Here one 64-bit draw of the same generator
-(``random_`` over the full int64 range) gives two independent uniform 32-bit integers, each compared with a
-threshold: about 2 ns an element, the same seeding (``torch.manual_seed``, Lightning's ``seed_everything``, the
+PyTorch draws a CPU dropout mask with ``bernoulli_``, one generator call per element: about 7 ns an element on the
+2-core AMD host the project is measured on, where a multiply costs 0.3 ns, so the masks of a ``small`` pre-training
+step (10.6 M elements) take 8 % of it. Here one 64-bit draw of the same generator (``random_`` over the full int64
+range) gives four independent uniform 16-bit integers, each compared with a threshold: about 1.2 ns an element (2.4
+with two 32-bit integers a draw), the same seeding (``torch.manual_seed``, Lightning's ``seed_everything``, the
 per-step seeds of ``data/sampler.py``) and the same mask distribution up to rounding ``p`` to a multiple of
-``2**-32``. PyTorch's fused CPU attention takes no dropout, so attention that drops its weights runs the
-unfused computation anyway (PyTorch's own math kernel does); :func:`attention` runs it with these masks.
+``2**-16`` (0.1 is drawn as 0.100006; fused GPU attention kernels round it to 1/255). PyTorch's fused CPU attention
+takes no dropout, so attention that drops its weights runs the unfused computation anyway (PyTorch's own math
+kernel does); :func:`attention` runs it with these masks.
 
 Only CPU tensors outside ``torch.compile`` take this path: GPU kernels draw dropout in the same kernel that
 applies it (and fused attention supports it there), and Inductor fuses its own random draws.
@@ -27,31 +28,43 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-_WORD = 2**32
+_LANE_BITS = 16
+_LANES_PER_DRAW = 64 // _LANE_BITS
+_LANE_LOW, _LANE_HIGH = -(2 ** (_LANE_BITS - 1)), 2 ** (_LANE_BITS - 1) - 1
 
 
 def _lanes(shape: torch.Size | tuple[int, ...], device: torch.device | str) -> Tensor:
-    """Uniform int32 draws of ``shape``: half as many 64-bit draws of ``device``'s default generator."""
+    """Uniform int16 draws of ``shape``: a quarter as many 64-bit draws of ``device``'s default generator."""
     count = 1
     for size in shape:
         count *= size
-    words = torch.empty((count + 1) // 2, dtype=torch.int64, device=device)
+    words = torch.empty(-(-count // _LANES_PER_DRAW), dtype=torch.int64, device=device)
     words.random_(-(2**63), None)  # the full int64 range: all 64 bits uniform
-    return words.view(torch.int32)[:count].view(shape)
+    return words.view(torch.int16)[:count].view(shape)
 
 
 def _threshold(p: float) -> int:
-    """A lane below this is dropped: probability ``p`` to within ``2**-32``."""
-    return -(2**31) + round(p * _WORD)
+    """A lane below this is dropped: probability ``p`` rounded to a multiple of ``2**-16``. Where ``p`` is within
+    ``2**-17`` of 1 it is one past the int16 range (every lane dropped): an int16 tensor refuses to be compared
+    with it, so the callers check for that first."""
+    return _LANE_LOW + round(p * 2**_LANE_BITS)
+
+
+def _below(lanes: Tensor, threshold: int) -> Tensor:
+    """``lanes < threshold`` for any ``threshold`` from :func:`_threshold`."""
+    if threshold > _LANE_HIGH:  # p within 2**-17 of 1: every lane is dropped
+        return torch.ones(lanes.shape, dtype=torch.bool, device=lanes.device)
+    return lanes < threshold
 
 
 def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
-    """A bool mask, True = dropped, each element independently with probability ``p`` (to within ``2**-32``).
+    """A bool mask, True = dropped, each element independently with probability ``p`` (rounded to a multiple of
+    ``2**-16``).
 
-    Draws from the default generator of ``device``; half as many 64-bit draws as elements. :func:`dropout` draws
-    the same mask (for the same generator state) as a multiplier.
+    Draws from the default generator of ``device``; a quarter as many 64-bit draws as elements. :func:`dropout`
+    draws the same mask (for the same generator state) as a multiplier.
     """
-    return _lanes(shape, device) < _threshold(p)
+    return _below(_lanes(shape, device), _threshold(p))
 
 
 def keep_multiplier(
@@ -60,7 +73,11 @@ def keep_multiplier(
     """:func:`drop_mask`'s mask as a multiplier in ``dtype``: 0 where dropped, 1 where kept; one comparison
     writes it."""
     keep = torch.empty(shape, dtype=dtype, device=device)
-    return torch.ge(_lanes(shape, device), _threshold(p), out=keep)
+    lanes = _lanes(shape, device)
+    threshold = _threshold(p)
+    if threshold > _LANE_HIGH:  # every lane dropped
+        return keep.zero_()
+    return torch.ge(lanes, threshold, out=keep)
 
 
 class _MaskedScale(torch.autograd.Function):
