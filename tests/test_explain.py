@@ -3,6 +3,7 @@ written, and `umd predict --explain`."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -115,20 +116,31 @@ def test_gradcam_shows_positive_evidence_for_some_answer_and_moves_with_the_ques
     model = predictor.model.eval()
     image = sorted((VQA_RAD / "VQA_RAD Image Folder").iterdir())[0]
     pixels = model.transform(Image.open(image).convert("RGB")).unsqueeze(0)
+    # A 3-step model's patch tokens are nearly alike, so an answer's evidence has nearly one sign over all patches,
+    # and which sign is down to the seed: the run can leave every answer with none that is positive (all maps 0).
+    # Negating an answer's row of the final layer negates its logit's gradient, so one of the two heads shows
+    # that answer's evidence positive, whatever the seed.
+    flipped = copy.deepcopy(model.head)
+    with torch.no_grad():
+        flipped.final.weight.neg_()
+        flipped.final.bias.neg_()
 
     def maps(question: str) -> list[torch.Tensor]:
+        """Each answer's map from the model's head plus the one from the flipped head: |Grad-CAM before relu|."""
         tokens = model.tokenizer([question], return_tensors="pt")
-        return [
-            gradcam_map(
-                model.backbone, model.head, pixels, tokens["input_ids"], tokens["attention_mask"], torch.tensor([j])
-            )[0]
-            for j in range(len(model.labels))
-        ]
+        ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        summed = []
+        for j in range(len(model.labels)):
+            pair = [
+                gradcam_map(model.backbone, h, pixels, ids, mask, torch.tensor([j]))[0] for h in (model.head, flipped)
+            ]
+            assert all((m >= 0).all() for m in pair)  # relu'd
+            summed.append(pair[0] + pair[1])
+        return summed
 
     lesion, organ = maps("is there a lesion?"), maps("what organ is shown in the picture?")
     varied = [j for j, m in enumerate(lesion) if m.max() > m.min()]
-    assert varied, "no answer has positive, patch-dependent Grad-CAM evidence"
-    assert all((m >= 0).all() for m in lesion)
+    assert len(varied) == len(model.labels), "an answer has no patch-dependent Grad-CAM evidence of either sign"
     assert any(not torch.allclose(lesion[j], organ[j]) for j in varied)
 
 
