@@ -10,13 +10,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from test_pretrain_stage import make_batch
 
 from umd_lightning.models.text import RowGradEmbedding
-from umd_lightning.stages import MRPretrain, NonFiniteLossError, StageError
+from umd_lightning.stages import FineTune, MRPretrain, NonFiniteLossError, StageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,8 @@ def test_adamw_kernels_give_the_same_update_and_auto_fuses_on_cpu() -> None:
     assert {group["weight_decay"] for group in groups} == {0.0, 0.01}  # decay / no-decay groups survive
     with pytest.raises(StageError, match=r"optimizer_kernel='fast': choose from auto, fused, foreach, for_loop"):
         tiny(optimizer_kernel="fast")
+    with pytest.raises(StageError, match=r"compile='fast' is not a torch.compile backend: give true \(Inductor\) or"):
+        tiny(compile="fast")
 
 
 def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients() -> None:
@@ -98,6 +101,89 @@ def test_compile_keeps_outputs_and_state_dict_keys() -> None:
         want = eager.backbone(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooled
         got = compiled.backbone(batch["pixel_values"], batch["input_ids"], batch["attention_mask"]).pooled
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+PART_MARKS = {"vit": "vision", "encoder": "text", "image_layers": "fusion", "pixel_out": "decoder"}
+"""A child found only in each compiled part, by the name dynamo's ``nn_module_stack`` gives it (``L['self'].vit``)."""
+
+
+def compiled_parts(stage: str) -> list[str]:
+    return ["vision", "text", "fusion", "decoder"] if stage == "pretrain" else ["vision", "text", "fusion"]
+
+
+def loss_and_grads(model, stage: str, calls: dict[str, int] | None = None) -> tuple[torch.Tensor, dict]:
+    """One training step's loss and gradients (dropout off, so that compiled and eager draw nothing); ``calls``
+    counts the eager model's calls of each part."""
+    model.eval()
+    if calls is not None:
+        backbones = [model.backbone, model.teacher.module] if stage == "pretrain" else [model.backbone]
+        modules = {part: [getattr(b, part) for b in backbones] for part in ("vision", "text", "fusion")}
+        if stage == "pretrain":
+            modules["decoder"] = [model.mim_decoder]
+        for part, instances in modules.items():
+            for module in instances:
+                module.register_forward_pre_hook(lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
+    batch = make_batch()
+    if stage == "pretrain":
+        model.teacher.copy_from(model.backbone)
+        loss = model.reconstruction_losses(batch, torch.Generator().manual_seed(5))[0]["loss"]
+    else:  # retrieval: 3 candidate captions per image, the first the true one
+        ids = torch.stack([batch["input_ids"].roll(shift, 0) for shift in range(3)], 1)
+        mask = torch.stack([batch["attention_mask"].roll(shift, 0) for shift in range(3)], 1)
+        logits = model(batch["pixel_values"], ids, mask)
+        loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "retrieval"])
+def test_compile_runs_every_part_of_a_training_step_as_one_compiled_graph(stage: str) -> None:
+    """The stages call the backbone's parts (``embed_image``, ``embed_text``, ``fuse``), not its ``forward``:
+    compiling must reach those calls, the EMA teacher's and the MIM decoder's included, each a whole graph (no
+    graph breaks). A recording backend (no Inductor, so the test is quick) counts how often each part's graphs
+    run, which must equal the eager step's calls of that part; loss and gradients must equal eager's."""
+
+    def build():
+        torch.manual_seed(0)
+        if stage == "pretrain":
+            return MRPretrain(preset="tiny", text_model="minilm")
+        return FineTune(preset="tiny", text_model="minilm", task="retrieval")
+
+    torch._dynamo.reset()
+    runs = dict.fromkeys(compiled_parts(stage), 0)
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list) -> Any:
+        children = {
+            qualified.split(".")[1]
+            for node in graph.graph.nodes
+            for qualified, _ in node.meta.get("nn_module_stack", {}).values()
+            if qualified.count(".")
+        }
+        parts = [PART_MARKS[child] for child in children if child in PART_MARKS]
+        assert len(parts) == 1, f"a compiled graph spans {parts or 'no known part'}: {sorted(children)}"
+
+        def run(*args: Any) -> Any:
+            runs[parts[0]] += 1
+            return graph.forward(*args)
+
+        return run
+
+    calls = dict.fromkeys(compiled_parts(stage), 0)
+    want_loss, want_grads = loss_and_grads(build(), stage, calls)
+    compiled = build()
+    keys = list(compiled.state_dict())
+    compiled.compile_modules(backend=backend)
+    assert list(compiled.state_dict()) == keys
+    got_loss, got_grads = loss_and_grads(compiled, stage)
+    torch._dynamo.reset()
+    if stage == "pretrain":  # the student's masked and ITM passes and the teacher's pass
+        assert calls["vision"] == calls["fusion"] == 3 and calls["text"] >= 2 and calls["decoder"] == 1, calls
+    assert min(calls.values()) >= 1, calls
+    assert runs == calls, f"compiled graph runs {runs} != calls {calls} (calls not compiled, or graph breaks)"
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-4, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_row_grad_embedding_gives_the_plain_gradient_in_one_reused_dense_tensor() -> None:

@@ -147,6 +147,16 @@ class UMDBackbone(nn.Module):
             image_pooled=self.image_pooler(image_layers[-1]),
         )
 
+    def compile(self, *args, **kwargs) -> None:
+        """``torch.compile`` in place (``nn.Module.compile``, same arguments) the modules every pass runs through:
+        the vision tower, the text tower and the fusion.
+
+        Compiling the backbone itself would compile :meth:`forward` only, and the stages never call it: their passes
+        call :meth:`embed_image`, :meth:`embed_text` and :meth:`fuse` (the masked pass, the ITM pass and retrieval's
+        cross-encoder need them apart), which run these three. State-dict keys are unchanged."""
+        for module in (self.vision, self.text, self.fusion):
+            module.compile(*args, **kwargs)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in the backward pass (per ViT block, per text layer, per fusion layer pair)
         instead of keeping them; only while training with gradients (the EMA teacher's passes are unaffected)."""

@@ -92,8 +92,11 @@ class UMDStage(pl.LightningModule):
             (multi-tensor ops), ``for_loop`` (one parameter at a time, the reference's), or ``auto``: fused where
             every parameter is a floating-point tensor on the CPU or a CUDA device, else foreach. The three give
             the same update up to rounding.
-        compile: ``torch.compile`` the backbone in place (``nn.Module.compile``: state-dict keys are unchanged);
-            the first steps are slower while it compiles.
+        compile: ``torch.compile`` in place (``nn.Module.compile``: state-dict keys are unchanged) the modules every
+            pass runs through: the backbone's towers and fusion (the EMA teacher's too) and the MIM decoder.
+            ``true`` takes torch.compile's default backend (Inductor); a string names another backend
+            (``aot_eager``, ``eager``: to tell a compiler fault from a model one). The first steps are slower while
+            it compiles.
         gradient_checkpointing: recompute the towers' and fusion layers' activations in the backward pass instead
             of keeping them (less memory, more time), for ``base`` on small GPUs.
     """
@@ -118,7 +121,7 @@ class UMDStage(pl.LightningModule):
         schedule: Schedule = "linear",
         pretrained: str | None = None,
         optimizer_kernel: OptimizerKernel = "auto",
-        compile: bool = False,
+        compile: bool | str = False,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -126,6 +129,11 @@ class UMDStage(pl.LightningModule):
         if optimizer_kernel not in OPTIMIZER_KERNELS:
             raise StageError(
                 f"model.init_args.optimizer_kernel={optimizer_kernel!r}: choose from {', '.join(OPTIMIZER_KERNELS)}"
+            )
+        if isinstance(compile, str) and compile not in torch.compiler.list_backends(exclude_tags=()):
+            raise StageError(
+                f"model.init_args.compile={compile!r} is not a torch.compile backend: give true (Inductor) or one of "
+                f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}"
             )
         check_range("model.init_args.lr", lr, low=0.0, low_open=True)
         check_range("model.init_args.warmup_ratio", warmup_ratio, low=0.0, high=1.0)
@@ -160,8 +168,9 @@ class UMDStage(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Check what the model and the data must agree on before any step runs; compile when asked."""
-        if self.hparams.get("compile") and not self._compiled:
-            self.compile_modules()
+        option = self.hparams.get("compile")
+        if option and not self._compiled:
+            self.compile_modules(**({"backend": option} if isinstance(option, str) else {}))
             self._compiled = True
         datamodule = self._trainer.datamodule if self._trainer is not None else None
         max_length = getattr(datamodule, "max_text_length", None)
@@ -207,9 +216,10 @@ class UMDStage(pl.LightningModule):
             group["params"].append(param)
         return list(groups.values())
 
-    def compile_modules(self) -> None:
-        """``torch.compile`` the backbone in place (subclasses add their other large modules)."""
-        self.backbone.compile()
+    def compile_modules(self, **options: Any) -> None:
+        """``torch.compile`` the backbone's towers and fusion in place (subclasses add their other large modules);
+        ``options`` are ``torch.compile``'s (a backend, a mode)."""
+        self.backbone.compile(**options)
 
     def make_optimizer(self) -> torch.optim.AdamW:
         """AdamW over :meth:`parameter_groups` with the kernel ``optimizer_kernel`` chooses (the parameters must

@@ -185,10 +185,11 @@ class ReconstructionStage(UMDStage):
         if self.teacher is not None and self.trainer.ckpt_path is None:
             self.teacher.copy_from(self.backbone)
 
-    def compile_modules(self) -> None:
-        super().compile_modules()
+    def compile_modules(self, **options: Any) -> None:
+        super().compile_modules(**options)
+        self.mim_decoder.compile(**options)
         if self.teacher is not None:
-            self.teacher.module.compile()
+            self.teacher.module.compile(**options)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
