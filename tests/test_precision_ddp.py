@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from pipeline_helpers import quiet_trainer
+from torch._dynamo.utils import counters
 
 from umd_lightning.callbacks import GMCoord
 from umd_lightning.data import PretrainDataModule, VQADataModule
@@ -34,7 +35,9 @@ class Recorder(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.out_dir is not None:
             state = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
-            torch.save({"state": state, "losses": self.losses}, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+            frames = counters["frames"]["ok"]  # how many frames torch.compile compiled in this process
+            saved = {"state": state, "losses": self.losses, "compiled_frames": frames}
+            torch.save(saved, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
 
 
 class PoisonPixels(pl.Callback):
@@ -48,7 +51,7 @@ class PoisonPixels(pl.Callback):
             batch["pixel_values"].fill_(float("nan"))
 
 
-def pretrain_setup() -> tuple[MRPretrain, PretrainDataModule, list[pl.Callback]]:
+def pretrain_setup(**options: Any) -> tuple[MRPretrain, PretrainDataModule, list[pl.Callback]]:
     data = PretrainDataModule(
         sources=[{"format": "roco", "root": str(REPO / "tests/data/roco")}],
         image_size=32,
@@ -56,10 +59,10 @@ def pretrain_setup() -> tuple[MRPretrain, PretrainDataModule, list[pl.Callback]]
         num_workers=0,
         scan="none",
     )
-    return MRPretrain(preset="tiny", lr=1e-3), data, []
+    return MRPretrain(preset="tiny", lr=1e-3, **options), data, []
 
 
-def finetune_setup() -> tuple[FineTune, VQADataModule, list[pl.Callback]]:
+def finetune_setup(**options: Any) -> tuple[FineTune, VQADataModule, list[pl.Callback]]:
     data = VQADataModule(
         dataset="vqa_rad",
         root=str(REPO / "tests/data/vqa_rad"),
@@ -68,15 +71,15 @@ def finetune_setup() -> tuple[FineTune, VQADataModule, list[pl.Callback]]:
         num_workers=0,
         scan="none",
     )
-    return FineTune(preset="tiny", lr=1e-3), data, [GMCoord(alpha=0.5, noise=True)]
+    return FineTune(preset="tiny", lr=1e-3, **options), data, [GMCoord(alpha=0.5, noise=True)]
 
 
 SETUPS = {"pretrain": pretrain_setup, "finetune": finetune_setup}
 
 
-def fit(stage: str, callbacks: list[pl.Callback], **trainer_kwargs: Any) -> None:
+def fit(stage: str, callbacks: list[pl.Callback], options: dict | None = None, **trainer_kwargs: Any) -> None:
     pl.seed_everything(0)
-    model, data, stage_callbacks = SETUPS[stage]()
+    model, data, stage_callbacks = SETUPS[stage](**(options or {}))
     trainer = quiet_trainer(max_steps=STEPS, callbacks=[*stage_callbacks, *callbacks], **trainer_kwargs)
     trainer.fit(model, datamodule=data)
 
@@ -90,13 +93,28 @@ def test_bf16_mixed_on_cpu_gives_finite_losses(stage: str) -> None:
     assert all(math.isfinite(loss) and loss > 0 for loss in recorder.losses), recorder.losses
 
 
+# The speed options under DDP: compiled parts (with dynamo's "eager" backend: the same graphs as Inductor's input,
+# without Inductor's minutes of compiling in each process) and recomputed activations.
+SPEED_OPTIONS = {"compile": "eager", "gradient_checkpointing": True}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_ddp_ranks_end_identical(stage: str, tmp_path: Path) -> None:
-    fit(stage, [Recorder(str(tmp_path))], devices=2, strategy="ddp_spawn")
+@pytest.mark.parametrize(
+    ("stage", "options"),
+    [("pretrain", {}), ("finetune", {}), ("pretrain", SPEED_OPTIONS), ("finetune", SPEED_OPTIONS)],
+    ids=["pretrain", "finetune", "pretrain-compile-checkpointing", "finetune-compile-checkpointing"],
+)
+def test_ddp_ranks_end_identical(stage: str, options: dict, tmp_path: Path) -> None:
+    fit(stage, [Recorder(str(tmp_path))], options, devices=2, strategy="ddp_spawn")
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     for rank in (rank0, rank1):
         assert len(rank["losses"]) == STEPS and all(math.isfinite(loss) for loss in rank["losses"])
+        # compiled: at least the towers and fusion (and, pre-training, the teacher's and the MIM decoder)
+        frames = rank["compiled_frames"]
+        if options:
+            assert frames >= (7 if stage == "pretrain" else 3), frames
+        else:
+            assert frames == 0, frames
     # The ranks trained on different halves of the data...
     assert rank0["losses"] != rank1["losses"]
     # ...yet every parameter, buffer and EMA-teacher weight is bitwise the same.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,14 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients
     # (the EMA teacher's pass takes no gradient and is not recomputed).
     assert calls_off == forward_off and forward_on == forward_off
     assert all(calls_on[name] > forward_on[name] for name in calls_on), (forward_on, calls_on)
+
+
+def test_a_model_with_gradient_checkpointing_pickles() -> None:
+    """ddp_spawn and notebooks pickle the model: transformers' checkpointing hook (a local function) is removed."""
+    model = tiny(gradient_checkpointing=True)
+    restored = pickle.loads(pickle.dumps(model))
+    for encoder in (model.backbone.text.encoder, restored.backbone.text.encoder):
+        assert encoder.is_activation_checkpointing and restored.backbone.vision.gradient_checkpointing
 
 
 @pytest.mark.slow

@@ -170,6 +170,12 @@ class UMDBackbone(nn.Module):
             if hasattr(encoder.config, "use_cache"):
                 encoder.config.use_cache = False  # an encoder has no cache; said here so transformers need not warn
             enable({"use_reentrant": False})
+            # transformers also hooks the word embeddings so that their output requires grad, which only reentrant
+            # checkpointing of a frozen table needs; the hook is a local function, and a model holding it cannot be
+            # pickled (ddp_spawn, DataLoader workers that get the module): removed.
+            remove_hook = getattr(encoder, "disable_input_require_grads", None)
+            if remove_hook is not None:
+                remove_hook()
         elif getattr(encoder, "is_gradient_checkpointing", False):
             disable()
 
