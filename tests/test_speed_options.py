@@ -282,3 +282,20 @@ def test_step_benchmark_runs_both_stages_and_the_comparison(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     assert "GM-Coord" in done.stdout and "after / before:" in done.stdout
     assert len(json.loads(out.read_text())) == 2
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_runs_its_fit_and_vqa_rad_parts(tmp_path: Path) -> None:
+    """``benchmarks/gpu_check.py`` is the script a lent GPU runs once: its ``--dry-run`` (a few CPU batches, the
+    step timing left to the step benchmark's own test) must get through every other part before device time is
+    spent on it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--text-model", "minilm", "--dry-run"]
+    command += ["--vqa-rad", str(REPO / "tests" / "data" / "vqa_rad"), "--out", str(tmp_path), "--epochs", "1"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["bf16_fit"]["finite"] and report["bf16_fit"]["steps"] == 3
+    plain, gm = report["vqa_rad"]
+    assert not plain["gm_coord"] and gm["gm_coord"] and "k_t_range" in gm and plain["n"] == gm["n"] > 0
+    assert "[vqa-rad] plain_seed0" in done.stdout and "[vqa-rad] gm_seed0" in done.stdout
