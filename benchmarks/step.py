@@ -14,6 +14,8 @@ For each preset x precision x text-length mode, in a fresh process (so that peak
   matmuls, on a CPU with PyTorch's own kernel and with oneDNN's) and **MFU** = FLOPs / step time / that peak;
 * **peak memory**: process RSS high-water mark on the CPU (it includes Python and the libraries),
   ``torch.cuda.max_memory_allocated`` on a GPU;
+* **saved for backward**: the bytes of the tensors one step's forward keeps for its backward pass (parameters
+  left out), on any device: the activation memory that gradient checkpointing trades for recomputation;
 * **the share of each part**, from the same timed steps: forward + losses, backward, GM-Coord, AdamW, EMA, and
   (pre-training) the forward of each pass alone (student's masked pass, teacher pass, ITM pass) timed separately.
 
@@ -207,7 +209,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
                 parts.setdefault(name, []).append(seconds)
         if device.type == "cuda" and index == args.warmup - 1:
             torch.cuda.reset_peak_memory_stats()
-    flops = count_flops(model, batches[0], autocast, args.stage)
+    flops, saved = count_flops(model, batches[0], autocast, args.stage)
     passes = pass_times(model, batches[0], autocast, device, args) if args.stage == "pretrain" else {}
     peak = matmul_peak(dtype, device)
     median = statistics.median(steps)
@@ -230,6 +232,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "peak_flops": peak,
         "mfu": flops / median / peak,
         "memory_mib": memory,
+        "saved_for_backward_mib": saved / 2**20,
         "parts": {name: statistics.median(values) for name, values in parts.items()},
         "passes": passes,
         "threads": torch.get_num_threads(),
@@ -328,12 +331,28 @@ def gm_coord_for(model):
     return apply
 
 
-def count_flops(model, batch, autocast, stage: str) -> float:
+def count_flops(model, batch, autocast, stage: str) -> tuple[float, int]:
+    """FLOPs of one step's forward and backward, and the bytes its forward kept for the backward pass: every
+    tensor autograd saved, each storage counted once, parameters left out (what gradient checkpointing shrinks;
+    inside a checkpointed block autograd saves nothing, the block's inputs are saved outside it)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a layout without a storage: counted by its elements
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+            return tensor
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
     counter = FlopCounterMode(display=False)
     with counter:
-        with autocast:
+        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             if stage == "pretrain":
                 loss = model.reconstruction_losses(batch)[0]["loss"]
             else:
@@ -341,7 +360,7 @@ def count_flops(model, batch, autocast, stage: str) -> float:
                 loss = model._loss(logits, batch)[0]
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()), sum(saved.values())
 
 
 def pass_times(model, batch, autocast, device, args) -> dict[str, float]:
@@ -452,7 +471,8 @@ def show(result: dict[str, Any], label: str = "") -> str:
         f"L={result['tokens']:4.1f} {result['kernel']:8s} "
         f"median {result['step_median_s'] * 1000:8.0f} ms  min {result['step_min_s'] * 1000:8.0f} ms  "
         f"{result['flops'] / 1e9:8.1f} GFLOP  peak {result['peak_flops'] / 1e9:6.0f} GFLOP/s  "
-        f"MFU {100 * result['mfu']:5.1f} %  mem {result['memory_mib']:6.0f} MiB"
+        f"MFU {100 * result['mfu']:5.1f} %  mem {result['memory_mib']:6.0f} MiB  "
+        f"saved for backward {result['saved_for_backward_mib']:6.0f} MiB"
     )
     total = result["step_median_s"]
     lines = [head]

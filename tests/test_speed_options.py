@@ -4,7 +4,9 @@ guard still names the bad term; the step benchmark runs (smoke test on ``tiny``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
 import json
 import os
 import pickle
@@ -87,6 +89,23 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_loss_and_gradients
     # (the EMA teacher's pass takes no gradient and is not recomputed).
     assert calls_off == forward_off and forward_on == forward_off
     assert all(calls_on[name] > forward_on[name] for name in calls_on), (forward_on, calls_on)
+
+
+def test_the_step_benchmark_counts_what_checkpointing_saves_and_the_flops_it_adds() -> None:
+    """``benchmarks/step.py``'s FLOP count and saved-for-backward bytes on the same step with and without
+    gradient checkpointing: the recomputed forwards add FLOPs, and far less is kept for the backward pass."""
+    spec = importlib.util.spec_from_file_location("step_benchmark", REPO / "benchmarks" / "step.py")
+    step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step)
+    measured = {}
+    for enabled in (False, True):
+        model = tiny(gradient_checkpointing=enabled)
+        model.train()
+        model.teacher.copy_from(model.backbone)
+        measured[enabled] = step.count_flops(model, make_batch(), contextlib.nullcontext(), "pretrain")
+    (flops_off, saved_off), (flops_on, saved_on) = measured[False], measured[True]
+    assert flops_on > 1.1 * flops_off
+    assert 0 < saved_on < 0.7 * saved_off, (saved_on, saved_off)
 
 
 def test_a_model_with_gradient_checkpointing_pickles() -> None:
@@ -275,6 +294,7 @@ def test_step_benchmark_runs_both_stages_and_the_comparison(tmp_path: Path) -> N
     assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads(out.read_text())
     assert result["kernel"] == "fused" and result["flops"] > 0 and 0 < result["mfu"] < 1
+    assert result["saved_for_backward_mib"] > 0 and "saved for backward" in done.stdout
     assert set(result["parts"]) == {"forward + losses", "backward", "AdamW", "EMA"}
     assert "MFU" in done.stdout and "teacher pass (forward alone)" in done.stdout
     command += ["--stage", "finetune", "--compare", str(REPO / "src"), "--rounds", "1"]
