@@ -305,16 +305,22 @@ def test_step_benchmark_runs_both_stages_and_the_comparison(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_runs_its_fit_and_vqa_rad_parts(tmp_path: Path) -> None:
-    """``benchmarks/gpu_check.py`` is the script a lent GPU runs once: its ``--dry-run`` (a few CPU batches, the
-    step timing left to the step benchmark's own test) must get through every other part before device time is
-    spent on it."""
+def test_gpu_check_dry_run_runs_every_part(tmp_path: Path) -> None:
+    """``benchmarks/gpu_check.py`` is the script a lent GPU runs once: its ``--dry-run`` (every part on the CPU,
+    `tiny` and brief, the compiled row included) must get through before device time is spent on it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--text-model", "minilm", "--dry-run"]
     command += ["--vqa-rad", str(REPO / "tests" / "data" / "vqa_rad"), "--out", str(tmp_path), "--epochs", "1"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
+    rows = report["step_times"]
+    assert [(r["precision"], r["options"]) for r in rows] == [
+        ("fp32", {}), ("bf16", {}), ("bf16", {"gradient_checkpointing": True}), ("fp32", {}), ("bf16", {}),
+        ("bf16", {"compile": True}),
+    ]  # fmt: skip
+    assert all(r["preset"] == "tiny" and r["flops"] > 0 and r["saved_for_backward_mib"] > 0 for r in rows)
+    assert "saved GiB" in done.stdout
     assert report["bf16_fit"]["finite"] and report["bf16_fit"]["steps"] == 3
     plain, gm = report["vqa_rad"]
     assert not plain["gm_coord"] and gm["gm_coord"] and "k_t_range" in gm and plain["n"] == gm["n"] > 0
