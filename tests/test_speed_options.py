@@ -112,8 +112,8 @@ def test_a_model_with_gradient_checkpointing_pickles() -> None:
     """ddp_spawn and notebooks pickle the model: transformers' checkpointing hook (a local function) is removed."""
     model = tiny(gradient_checkpointing=True)
     restored = pickle.loads(pickle.dumps(model))
-    for encoder in (model.backbone.text.encoder, restored.backbone.text.encoder):
-        assert encoder.is_activation_checkpointing and restored.backbone.vision.gradient_checkpointing
+    for backbone in (model.backbone, restored.backbone):
+        assert backbone.text.encoder.is_activation_checkpointing and backbone.vision.gradient_checkpointing
 
 
 @pytest.mark.slow
@@ -135,8 +135,14 @@ PART_MARKS = {"vit": "vision", "encoder": "text", "image_layers": "fusion", "pix
 """A child found only in each compiled part, by the name dynamo's ``nn_module_stack`` gives it (``L['self'].vit``)."""
 
 
-def compiled_parts(stage: str) -> list[str]:
-    return ["vision", "text", "fusion", "decoder"] if stage == "pretrain" else ["vision", "text", "fusion"]
+def part_modules(model, stage: str) -> dict[str, list[torch.nn.Module]]:
+    """The instances of each part ``compile`` must reach: the student's (and, pre-training, the EMA teacher's)
+    towers and fusion, and the MIM decoder."""
+    backbones = [model.backbone, model.teacher.module] if stage == "pretrain" else [model.backbone]
+    parts = {part: [getattr(b, part) for b in backbones] for part in ("vision", "text", "fusion")}
+    if stage == "pretrain":
+        parts["decoder"] = [model.mim_decoder]
+    return parts
 
 
 def loss_and_grads(model, stage: str, calls: dict[str, int] | None = None) -> tuple[torch.Tensor, dict]:
@@ -144,11 +150,7 @@ def loss_and_grads(model, stage: str, calls: dict[str, int] | None = None) -> tu
     counts the eager model's calls of each part."""
     model.eval()
     if calls is not None:
-        backbones = [model.backbone, model.teacher.module] if stage == "pretrain" else [model.backbone]
-        modules = {part: [getattr(b, part) for b in backbones] for part in ("vision", "text", "fusion")}
-        if stage == "pretrain":
-            modules["decoder"] = [model.mim_decoder]
-        for part, instances in modules.items():
+        for part, instances in part_modules(model, stage).items():
             for module in instances:
                 module.register_forward_pre_hook(lambda *_, part=part: calls.__setitem__(part, calls[part] + 1))
     batch = make_batch()
@@ -178,7 +180,9 @@ def test_compile_runs_every_part_of_a_training_step_as_one_compiled_graph(stage:
         return FineTune(preset="tiny", text_model="minilm", task="retrieval")
 
     torch._dynamo.reset()
-    runs = dict.fromkeys(compiled_parts(stage), 0)
+    eager = build()
+    calls = dict.fromkeys(part_modules(eager, stage), 0)
+    runs = dict.fromkeys(calls, 0)
 
     def backend(graph: torch.fx.GraphModule, example_inputs: list) -> Any:
         children = {
@@ -196,8 +200,7 @@ def test_compile_runs_every_part_of_a_training_step_as_one_compiled_graph(stage:
 
         return run
 
-    calls = dict.fromkeys(compiled_parts(stage), 0)
-    want_loss, want_grads = loss_and_grads(build(), stage, calls)
+    want_loss, want_grads = loss_and_grads(eager, stage, calls)
     compiled = build()
     keys = list(compiled.state_dict())
     compiled.compile_modules(backend=backend)

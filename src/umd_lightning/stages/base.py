@@ -130,10 +130,11 @@ class UMDStage(pl.LightningModule):
             raise StageError(
                 f"model.init_args.optimizer_kernel={optimizer_kernel!r}: choose from {', '.join(OPTIMIZER_KERNELS)}"
             )
-        if isinstance(compile, str) and compile not in torch.compiler.list_backends(exclude_tags=()):
+        backends = torch.compiler.list_backends(exclude_tags=()) if isinstance(compile, str) else []
+        if isinstance(compile, str) and compile not in backends:
             raise StageError(
                 f"model.init_args.compile={compile!r} is not a torch.compile backend: give true (Inductor) or one of "
-                f"{', '.join(torch.compiler.list_backends(exclude_tags=()))}"
+                f"{', '.join(backends)}"
             )
         check_range("model.init_args.lr", lr, low=0.0, low_open=True)
         check_range("model.init_args.warmup_ratio", warmup_ratio, low=0.0, high=1.0)
